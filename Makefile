@@ -1,0 +1,32 @@
+# `make test` and `make demo` each build .venv on a fresh machine, then run.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q
+STAMP  := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export PYTHONUNBUFFERED := 1
+
+.PHONY: test demo lint install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0 numpy wheel setuptools
+	# DeepSpeed's build imports torch: build it against the pinned one, not an isolated download.
+	$(PIP) --no-build-isolation "deepspeed>=0.19,<0.20"
+	$(PIP) -e '.[test,tune]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check caldm jobs tuning tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) jobs/pipeline.py --out demo
+
+clean:
+	rm -rf $(VENV) .cache demo

@@ -1,0 +1,503 @@
+"""Typed configuration for caldm: presets, YAML round trips and ``--set`` overrides.
+
+A :class:`Config` holds everything one run needs: the model (shapes and widths of every
+network), the diffusion process, sampling, training and data settings. Presets ``paper``,
+``small`` and ``tiny`` are built by :func:`preset`; a YAML file or ``key=value`` overrides are
+applied on top with :func:`load_config`. Unknown keys are errors that name the key and suggest
+the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+Shape3 = tuple[int, int, int]
+PRESETS = ("paper", "small", "tiny")
+STAGES = ("ae2d", "nhae", "adaptor", "diff3d", "refiner")
+ConditionKind = Literal["layers", "vessels"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line that names the offending key or file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AE2DConfig(_Strict):
+    """Enc2D/Dec2D: the LDM-style KL autoencoder on single B-scans (f = 2^(len(channels)-1))."""
+
+    channels: list[int]
+    num_res_blocks: int = 2
+    norm_num_groups: int = 32
+    attention: bool = True  # self-attention in the lowest-resolution middle block
+
+
+class Enc3DConfig(_Strict):
+    """Enc3D: 3D conv encoder from the thumbnail to z; downsamples len(channels)-1 times."""
+
+    channels: list[int]
+    num_res_blocks: int = 1
+    norm_num_groups: int = 16
+
+
+class FSRConfig(_Strict):
+    """f_sr: 3D residual blocks with uniaxial (slice axis) upsampling; one width per scale."""
+
+    channels: list[int]
+    num_res_blocks: int = 1
+    norm_num_groups: int = 16
+
+
+class AdaptorConfig(_Strict):
+    """3D adaptors of DecM: Conv3d across the slice axis after each decoder residual block."""
+
+    kernel_size: int = 3
+    alpha_init: float = 0.0
+    levels: list[int] | None = None  # decoder levels that get adaptors; None = all
+
+
+class UNetConfig(_Strict):
+    """A diffusion UNet (Diff3D or Diff_slice)."""
+
+    channels: list[int]
+    attention_levels: list[bool]
+    num_res_blocks: int = 2
+    num_head_channels: int = 64
+    norm_num_groups: int = 32
+
+    @model_validator(mode="after")
+    def _lengths(self) -> UNetConfig:
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError("attention_levels must have one entry per channels entry")
+        return self
+
+
+class ConditionConfig(_Strict):
+    """Condition encoders map a label to features on the latent grid."""
+
+    channels: int = 16
+    layer_classes: int = 8  # set from the data when a layer map dataset is used
+    dropout: float = 0.1  # probability of dropping the condition in training
+
+
+class DiscriminatorConfig(_Strict):
+    channels: int = 64
+    num_layers: int = 3
+
+
+class LossConfig(_Strict):
+    """The LDM hybrid loss for the autoencoder stages."""
+
+    l1_weight: float = 1.0
+    perceptual_weight: float = 0.3
+    perceptual_weights_path: str | None = None  # no weights -> perceptual term off
+    adv_weight: float = 0.05
+    adv_start_step: int = 0
+    kl_weight: float = 1e-6
+    latent_weight: float = 1.0  # nhae: L1 between z_sr_i and Enc2D(x_i)
+
+
+class ModelConfig(_Strict):
+    image_shape: Shape3
+    thumbnail_shape: Shape3
+    latent_channels: int = 4
+    k: int = 5
+    ae2d: AE2DConfig
+    enc3d: Enc3DConfig
+    f_sr: FSRConfig
+    adaptor: AdaptorConfig = AdaptorConfig()
+    diff3d: UNetConfig
+    refiner: UNetConfig
+    condition: ConditionConfig = ConditionConfig()
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+    loss: LossConfig = LossConfig()
+
+    @property
+    def slice_factor(self) -> int:
+        """Downsampling factor of the slice autoencoder (f)."""
+        return 2 ** (len(self.ae2d.channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(c, D', H', W'): the shape of z."""
+        f3 = 2 ** (len(self.enc3d.channels) - 1)
+        d, h, w = self.thumbnail_shape
+        return (self.latent_channels, d // f3, h // f3, w // f3)
+
+    @property
+    def slice_latent_shape(self) -> tuple[int, int, int]:
+        """(c, H', W'): one latent slice."""
+        _, h, w = self.image_shape
+        f = self.slice_factor
+        return (self.latent_channels, h // f, w // f)
+
+    @property
+    def z_sr_shape(self) -> tuple[int, int, int, int]:
+        """(c, D, H', W'): z after uniaxial super-resolution."""
+        c, h, w = self.slice_latent_shape
+        return (c, self.image_shape[0], h, w)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        c, dl, hl, wl = self.latent_shape
+        _, hs, ws = self.slice_latent_shape
+        d = self.image_shape[0]
+        f3 = 2 ** (len(self.enc3d.channels) - 1)
+        if any(t % f3 for t in self.thumbnail_shape):
+            raise ValueError(f"thumbnail_shape {self.thumbnail_shape} is not divisible by {f3}")
+        if (hl, wl) != (hs, ws):
+            raise ValueError(
+                f"Enc3D latent H'xW' {hl}x{wl} differs from the slice latent {hs}x{ws}: "
+                "thumbnail_shape and the encoder depths do not fit image_shape"
+            )
+        up = d // dl
+        if up * dl != d or up & (up - 1) or 2 ** (len(self.f_sr.channels) - 1) != up:
+            raise ValueError(
+                f"f_sr must upsample D' = {dl} to D = {d} by a power of two with "
+                f"len(f_sr.channels) - 1 = log2({d}/{dl}) stages"
+            )
+        if self.k % 2 != 1:
+            raise ValueError("k must be odd (a center slice with k//2 neighbours each side)")
+        return self
+
+
+class DiffusionConfig(_Strict):
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+
+class SamplingConfig(_Strict):
+    sampler: Literal["ddim", "dpm++"] = "ddim"
+    steps: int = 200
+    refiner_sampler: Literal["ddim", "dpm++"] | None = None  # None: same as sampler
+    refiner_steps: int | None = None  # None: same as steps
+    eta: float = 0.0
+    decode: Literal["exact", "chunked"] = "chunked"
+    slice_batch: int = 64  # latent slices refined together at each denoising step
+    decode_chunk: int = 16  # output slices decoded together in chunked mode
+    guidance_scale: float = 1.0  # classifier-free guidance for label-guided sampling
+
+
+class TrainConfig(_Strict):
+    lr: float = 1e-4
+    disc_lr: float = 1e-4
+    weight_decay: float = 0.0
+    micro_batch: int = 1
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "bf16"
+    activation_checkpointing: bool = True
+    zero_stage: Literal[1, 2, 3] = 2
+    max_steps: int = 100_000
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    preview_every: int = 500
+    ema_decay: float = 0.9999
+    max_failures: int = 3
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    slices_per_volume: int = 1  # nhae: full-resolution slices reconstructed per volume
+    skip_bad_volumes: bool = True  # log and skip unreadable volumes during training
+    num_workers: int = 2  # per-worker loader processes
+
+
+class Config(_Strict):
+    preset: str = "custom"
+    model: ModelConfig
+    diffusion: DiffusionConfig = DiffusionConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to leaf values, e.g. ``{"train.lr": 1e-4, ...}`` (for MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(f"{prefix}.{key}" if prefix else key, value)
+            else:
+                out[prefix] = node
+
+        walk("", self.to_dict())
+        return out
+
+
+def _paper() -> dict[str, Any]:
+    return {
+        "preset": "paper",
+        "model": {
+            "image_shape": (512, 512, 512),
+            "thumbnail_shape": (256, 256, 256),
+            "ae2d": {"channels": [128, 256, 512, 512], "num_res_blocks": 2},
+            "enc3d": {"channels": [32, 64, 128], "num_res_blocks": 1},
+            "f_sr": {"channels": [128, 128, 64, 64], "num_res_blocks": 1},
+            "diff3d": {
+                "channels": [128, 256, 512, 1024],
+                "attention_levels": [False, False, True, True],
+                "num_res_blocks": 2,
+            },
+            "refiner": {
+                "channels": [192, 384, 768, 768],
+                "attention_levels": [False, True, True, True],
+                "num_res_blocks": 2,
+            },
+            "condition": {"channels": 32},
+            "discriminator": {"channels": 64, "num_layers": 3},
+        },
+        "sampling": {"steps": 200, "slice_batch": 64, "decode_chunk": 16},
+        "train": {"precision": "bf16", "activation_checkpointing": True, "micro_batch": 1},
+    }
+
+
+def _small() -> dict[str, Any]:
+    return {
+        "preset": "small",
+        "model": {
+            "image_shape": (128, 128, 128),
+            "thumbnail_shape": (64, 64, 64),
+            "ae2d": {"channels": [64, 128, 128, 256], "num_res_blocks": 1},
+            "enc3d": {"channels": [16, 32, 64], "num_res_blocks": 1},
+            "f_sr": {"channels": [64, 64, 32, 32], "num_res_blocks": 1},
+            "diff3d": {
+                "channels": [64, 128, 256],
+                "attention_levels": [False, True, True],
+                "num_res_blocks": 1,
+                "num_head_channels": 32,
+            },
+            "refiner": {
+                "channels": [64, 128, 256],
+                "attention_levels": [False, True, True],
+                "num_res_blocks": 1,
+                "num_head_channels": 32,
+            },
+            "condition": {"channels": 16},
+            "discriminator": {"channels": 32, "num_layers": 3},
+        },
+        "sampling": {"steps": 50, "slice_batch": 32, "decode_chunk": 16},
+        "train": {"precision": "bf16", "activation_checkpointing": False, "micro_batch": 2},
+    }
+
+
+def _tiny() -> dict[str, Any]:
+    return {
+        "preset": "tiny",
+        "model": {
+            "image_shape": (32, 64, 64),
+            "thumbnail_shape": (16, 32, 32),
+            "ae2d": {
+                "channels": [16, 32, 32, 32],
+                "num_res_blocks": 1,
+                "norm_num_groups": 8,
+                "attention": False,
+            },
+            "enc3d": {"channels": [8, 16, 16], "num_res_blocks": 1, "norm_num_groups": 8},
+            "f_sr": {"channels": [16, 16, 8, 8], "num_res_blocks": 1, "norm_num_groups": 8},
+            "diff3d": {
+                "channels": [16, 32],
+                "attention_levels": [False, True],
+                "num_res_blocks": 1,
+                "num_head_channels": 16,
+                "norm_num_groups": 8,
+            },
+            "refiner": {
+                "channels": [16, 32],
+                "attention_levels": [False, True],
+                "num_res_blocks": 1,
+                "num_head_channels": 16,
+                "norm_num_groups": 8,
+            },
+            "condition": {"channels": 8},
+            "discriminator": {"channels": 8, "num_layers": 2},
+            "loss": {"adv_start_step": 50},
+        },
+        "diffusion": {"num_train_timesteps": 1000},
+        "sampling": {"steps": 20, "slice_batch": 32, "decode_chunk": 8},
+        "train": {
+            "lr": 1e-3,
+            "disc_lr": 1e-3,
+            "precision": "fp32",
+            "activation_checkpointing": False,
+            "micro_batch": 2,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "preview_every": 50,
+            "ema_decay": 0.99,
+        },
+        "data": {"slices_per_volume": 2, "num_workers": 0},
+    }
+
+
+_PRESET_BUILDERS = {"paper": _paper, "small": _small, "tiny": _tiny}
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The raw nested dict of a preset (before validation)."""
+    if name not in _PRESET_BUILDERS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return _PRESET_BUILDERS[name]()
+
+
+def preset(name: str) -> Config:
+    """A validated preset config: ``paper`` (512^3), ``small`` (128^3) or ``tiny``."""
+    return Config.model_validate(preset_dict(name))
+
+
+# ---------------------------------------------------------------- overrides and validation
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, dotted + "."))
+    return keys
+
+
+def valid_keys() -> list[str]:
+    """Every dotted config key, e.g. ``train.lr`` or ``model.adaptor.kernel_size``."""
+    return _valid_keys(Config)
+
+
+def _suggest(key: str) -> str:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # a right leaf under the wrong section: train.kernel_size -> model.adaptor...
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1)
+        close = [k for k in keys if leaves and k.rsplit(".", 1)[-1] == leaves[0]][:1]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> None:
+    for key, value in update.items():
+        dotted = f"{path}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, dotted + ".")
+        else:
+            base[key] = value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=c"`` -> ``("a.b", parsed c)``; values are parsed as YAML (numbers, lists, bools)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in valid_keys():
+        raise ConfigError(f"unknown config key {key!r}{_suggest(key)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+    return key, value
+
+
+def _validate(tree: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: unknown config key {key!r}{_suggest(key)}") from None
+        raise ConfigError(f"{source}: config key {key!r}: {err['msg']}") from None
+
+
+def read_yaml(url: str) -> dict[str, Any]:
+    """Read a YAML mapping from a local path or fsspec URL."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "r") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{url}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{url}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{url}: expected a mapping of config keys at the top level")
+    return data
+
+
+def load_config(
+    preset_name: str | None = "tiny",
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Build a config: a preset, then a YAML file on top, then ``key=value`` overrides.
+
+    A file that names a ``preset`` key starts from that preset unless one is given here.
+    Errors are :class:`ConfigError` with one line naming the file or key.
+    """
+    tree: dict[str, Any] = {}
+    file_tree: dict[str, Any] = {}
+    if file is not None:
+        file_tree = read_yaml(str(file))
+    base = preset_name or file_tree.get("preset")
+    if base in _PRESET_BUILDERS:
+        tree = preset_dict(base)
+    elif base is not None and base != "custom":
+        raise ConfigError(f"unknown preset {base!r}; choose one of {', '.join(PRESETS)}")
+    if file_tree:
+        _validate_keys(file_tree, str(file))
+        _merge(tree, file_tree)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _validate(tree, str(file) if file else "config")
+
+
+def _validate_keys(tree: dict[str, Any], source: str, prefix: str = "") -> None:
+    keys = valid_keys()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if dotted not in keys:
+            raise ConfigError(f"{source}: unknown config key {dotted!r}{_suggest(dotted)}")
+        if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in keys):
+            _validate_keys(value, source, dotted + ".")
+
+
+def save_config(cfg: Config, url: str) -> None:
+    """Write a config as YAML to a local path or fsspec URL."""
+    import fsspec
+
+    with fsspec.open(url, "w") as fh:
+        fh.write(cfg.to_yaml())

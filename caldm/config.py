@@ -16,14 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from caldm.errors import ConfigError
+
 Shape3 = tuple[int, int, int]
 PRESETS = ("paper", "small", "tiny")
 STAGES = ("ae2d", "nhae", "adaptor", "diff3d", "refiner")
 ConditionKind = Literal["layers", "vessels"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased as one line that names the offending key or file."""
 
 
 class _Strict(BaseModel):

@@ -1,0 +1,5 @@
+import sys
+
+from caldm.cli import main
+
+sys.exit(main())

@@ -76,7 +76,9 @@ def test_ddim_eta_one_is_stochastic_and_still_correct() -> None:
     schedule = NoiseSchedule.from_config(DiffusionConfig())
     sampler = make_sampler("ddim", schedule, eta=1.0)
     g = torch.Generator().manual_seed(1)
-    x0 = sample_loop(exact_model(schedule), sampler, torch.randn(40_000, generator=g), 100, generator=g)
+    x0 = sample_loop(
+        exact_model(schedule), sampler, torch.randn(40_000, generator=g), 100, generator=g
+    )
     assert abs(x0.mean().item() - MU) < 0.03 and abs(x0.std().item() - STD) < 0.03
 
 
@@ -94,7 +96,9 @@ def test_parameterisation_round_trip(prediction: str) -> None:
 
 def test_linear_schedule_matches_paper() -> None:
     s = NoiseSchedule.from_config(DiffusionConfig())
-    betas = 1 - s.alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), s.alphas_cumprod[:-1]])
+    betas = 1 - s.alphas_cumprod / torch.cat(
+        [torch.ones(1, dtype=torch.float64), s.alphas_cumprod[:-1]]
+    )
     assert s.num_train_timesteps == 1000
     assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(2e-2)
 

@@ -75,7 +75,9 @@ class DPMSolverPP:
         ts = torch.unique_consecutive(ts)
         return ts.long()
 
-    def _lambda(self, t: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _lambda(
+        self, t: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.schedule.abar(t, like[:1].flatten()[:1]).reshape(())
         alpha, sigma = a.sqrt(), (1 - a).sqrt()
         return alpha, sigma, torch.log(alpha) - torch.log(sigma)

@@ -65,7 +65,9 @@ def build(
         )
     if name == "disc":
         return build_discriminator(m.discriminator)
-    raise ValueError(f"unknown module {name!r}; expected one of {', '.join(MODULES + COND_MODULES)}")
+    raise ValueError(
+        f"unknown module {name!r}; expected one of {', '.join(MODULES + COND_MODULES)}"
+    )
 
 
 def count_params(module: nn.Module) -> int:

@@ -57,7 +57,9 @@ class PerceptualLoss(nn.Module):
         super().__init__()
         self.features = _vgg16_features()
         state = load_state_dict(weights_url)
-        own = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+        own = {
+            k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")
+        }
         missing = set(self.features.state_dict()) - set(own)
         if missing:
             raise ConfigError(

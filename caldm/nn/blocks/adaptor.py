@@ -17,7 +17,11 @@ class Adaptor3D(nn.Module):
     """
 
     def __init__(
-        self, channels: int, kernel_size: int = 3, alpha_init: float = 0.0, norm_num_groups: int = 32
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        alpha_init: float = 0.0,
+        norm_num_groups: int = 32,
     ) -> None:
         super().__init__()
         groups = min(norm_num_groups, channels)

@@ -46,7 +46,9 @@ class Adaptors(nn.Module):
         for idx, level in zip(res_idx, levels):
             if cfg.levels is None or level in cfg.levels:
                 ch = dec2d.blocks[idx].out_channels
-                self.adaptors[str(idx)] = Adaptor3D(ch, cfg.kernel_size, cfg.alpha_init, norm_num_groups)
+                self.adaptors[str(idx)] = Adaptor3D(
+                    ch, cfg.kernel_size, cfg.alpha_init, norm_num_groups
+                )
 
     def halo(self) -> int:
         """Slices each side that influence an output slice (the adaptors' receptive field)."""

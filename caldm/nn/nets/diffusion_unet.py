@@ -19,7 +19,9 @@ from caldm.nn.blocks.checkpointing import enable_checkpointing
 class DiffusionUNet(nn.Module):
     """``forward(x, t, guide=None)``: predicts epsilon (or v) for ``x`` at timesteps ``t``."""
 
-    def __init__(self, cfg: UNetConfig, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+    def __init__(
+        self, cfg: UNetConfig, spatial_dims: int, in_channels: int, out_channels: int
+    ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
         self.out_channels = out_channels
@@ -40,7 +42,9 @@ class DiffusionUNet(nn.Module):
     def in_channels(self) -> int:
         return self.unet.conv_in.conv.in_channels
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, guide: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if guide is not None:
             x = torch.cat([x, guide.to(x.dtype)], dim=1)
         if x.shape[1] != self.in_channels:

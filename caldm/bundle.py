@@ -156,12 +156,20 @@ def save_bundle(
     condition: str | None = None,
     num_classes: int | None = None,
     conditioned: list[str] | None = None,
+    meta_update: dict[str, Any] | None = None,
 ) -> None:
     """Write (or add to) a bundle. Existing modules not in ``modules`` are kept.
 
-    ``conditioned`` names the diffusion modules whose input was widened for ``condition``.
+    ``conditioned`` names the diffusion modules whose input was widened for ``condition``;
+    ``meta_update`` is merged into bundle.json (e.g. ``{"latent_scale": {"diff3d": s}}``,
+    merged one level deep).
     """
     meta = read_meta(url)
+    for key, value in (meta_update or {}).items():
+        if isinstance(value, dict) and isinstance(meta.get(key), dict):
+            meta[key].update(value)
+        else:
+            meta[key] = value
     for name, module in modules.items():
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         data = st_save(state)

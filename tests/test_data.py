@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from caldm.data.datasets import num_layer_classes
 from caldm.data.io import (
     read_label,
     read_volume,
@@ -18,6 +19,8 @@ from caldm.data.io import (
     write_volume,
 )
 from caldm.data.layout import DatasetLayout
+from caldm.data.octa500 import import_octa500
+from caldm.data.phantom import make_phantom, volume_seed, write_phantom_dataset
 from caldm.data.preprocess import from_unit_range, resize, thumbnail, to_unit_range
 from caldm.errors import DataError
 
@@ -204,3 +207,158 @@ def test_resize_and_thumbnail():
     np.testing.assert_array_equal(resize(np.eye(4), (8, 8), "nearest")[::2, ::2], np.eye(4))
     const = np.full((3, 4, 5), 7, np.uint8)
     np.testing.assert_array_equal(resize(const, (6, 8, 10)), 7)
+
+
+# ------------------------------------------------------------------------------- phantom
+
+TINY = (32, 64, 64)
+
+
+def test_phantom_is_deterministic_and_seeded():
+    a = make_phantom(TINY, seed=7)
+    b = make_phantom(TINY, seed=7)
+    c = make_phantom(TINY, seed=8)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[1], c[1])
+    image, layers, vessels = a
+    assert image.shape == layers.shape == TINY and vessels.shape == (32, 64)
+    assert image.dtype == layers.dtype == vessels.dtype == np.uint8
+
+
+def test_phantom_anatomy():
+    image, layers, vessels = make_phantom(TINY, seed=3)
+    classes = np.unique(layers)
+    assert len(classes) >= 7 and classes[0] == 0  # background + at least six layers
+    # Background both above the retina (top row) and below the choroid (bottom row).
+    assert (layers[:, 0, :] == 0).all() and (layers[:, -1, :] == 0).all()
+    # Layers are ordered along depth: classes only increase, except choroid -> background.
+    steps = np.diff(layers.astype(int), axis=1)
+    assert ((steps >= 0) | (steps == -8)).all()
+    # Distinct reflectivity: class means differ pairwise by a clear margin.
+    no_vessel = ~vessels.astype(bool)[:, None, :]
+    means = np.array(
+        [image[(layers == c) & no_vessel].mean() for c in classes], dtype=np.float64
+    )
+    gaps = np.abs(means[:, None] - means[None, :])[~np.eye(len(means), dtype=bool)]
+    assert gaps.min() > 8, means
+    # Foveal pit: the retina (ILM to BM) is thinnest near the centre of the en-face plane.
+    thickness = ((layers >= 1) & (layers <= 7)).sum(axis=1).astype(float)
+    d, w = thickness.shape
+    centre = thickness[d // 3 : 2 * d // 3, w // 3 : 2 * w // 3].min()
+    assert centre < 0.7 * np.median(thickness)
+    # Arteries and veins are present; below a vessel the outer layers are darker.
+    assert set(np.unique(vessels)) == {0, 1, 2}
+    for cls in (5, 7):  # ONL and RPE lie below the vessels
+        shadowed = image[(layers == cls) & ~no_vessel].mean()
+        clear = image[(layers == cls) & no_vessel].mean()
+        assert shadowed < 0.6 * clear, (cls, shadowed, clear)
+    # Speckle: a layer is not flat.
+    assert image[(layers == 5) & no_vessel].std() > 5
+
+
+def test_phantom_dataset_read_by_nibabel_and_simpleitk(tmp_path):
+    import SimpleITK as sitk
+
+    root = str(tmp_path / "ds")
+    ids = write_phantom_dataset(root, count=2, preset="tiny", seed=1)
+    assert ids == ["phantom_0000", "phantom_0001"]
+    layout = DatasetLayout(root)
+    assert layout.ids() == ids and layout.label_ids("layers") == ids
+    assert [r["id"] for r in layout.read_manifest()] == ids
+    image, layers, vessels = make_phantom(TINY, volume_seed(1, 1))
+    url = layout.image_url("phantom_0001")
+    np.testing.assert_array_equal(read_volume(url)[0], image)
+    nib_img = nib.load(url)
+    np.testing.assert_array_equal(np.asanyarray(nib_img.dataobj), image)
+    assert nib_img.get_data_dtype() == np.uint8
+    # ITK arrays are in C order of (x, y, z) = (i, j, k) reversed: W x H x D.
+    itk = sitk.ReadImage(url)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(itk).transpose(2, 1, 0), image)
+    np.testing.assert_allclose(itk.GetSpacing(), [6 / 32, 2 / 64, 6 / 64], rtol=1e-6)
+    lab = sitk.ReadImage(layout.label_url("layers", "phantom_0001"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(lab).transpose(2, 1, 0), layers)
+    ves = sitk.ReadImage(layout.label_url("vessels", "phantom_0001"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ves).T, vessels)
+    assert read_label(layout.label_url("vessels", "phantom_0001"), "vessels", TINY).shape == (
+        32,
+        64,
+    )
+    assert num_layer_classes(root) == 9
+
+
+def test_phantom_cli_on_s3(s3_bucket):
+    from caldm.cli import main
+
+    root = f"{s3_bucket}/phantom"
+    assert main(["phantom", "--out", root, "--count", "2", "--seed", "4"]) == 0
+    layout = DatasetLayout(root)
+    assert layout.ids() == ["phantom_0000", "phantom_0001"]
+    image, _ = read_volume(layout.image_url("phantom_0000"))
+    np.testing.assert_array_equal(image, make_phantom(TINY, volume_seed(4, 0))[0])
+
+
+# ------------------------------------------------------------------------------ OCTA-500
+
+
+def _bmp_folder(folder, volume: np.ndarray) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for n, bscan in enumerate(volume, 1):  # 1.bmp .. 12.bmp: natural, not lexical, order
+        Image.fromarray(bscan).save(folder / f"{n}.bmp")
+
+
+def test_octa500_import_voxel_exact_with_a_corrupt_volume(tmp_path, capsys):
+    from PIL import Image
+    from scipy.io import savemat
+
+    src = tmp_path / "OCTA_3mm"
+    rng = np.random.default_rng(0)
+    volumes = {i: rng.integers(0, 256, (12, 10, 8), dtype=np.uint8) for i in ("10001", "10002")}
+    for sample_id, volume in volumes.items():
+        _bmp_folder(src / "OCT" / sample_id, volume)
+    _bmp_folder(src / "OCT" / "10003", volumes["10001"])
+    (src / "OCT" / "10003" / "5.bmp").write_bytes(b"BM not really a bitmap")
+    # Labels of 10001: surfaces (3, D, W) and artery/vein en-face maps (D x W).
+    surfaces = np.stack([np.full((12, 8), r) for r in (2, 5, 7)]).astype(float)
+    (src / "GroundTruth" / "GT_Layers").mkdir(parents=True)
+    savemat(src / "GroundTruth" / "GT_Layers" / "10001.mat", {"Layer": surfaces})
+    artery = np.zeros((12, 8), np.uint8)
+    artery[3] = 255
+    vein = np.zeros((12, 8), np.uint8)
+    vein[:, 2] = 255
+    for folder, mask in (("GT_Artery", artery), ("GT_Vein", vein)):
+        (src / folder).mkdir()
+        Image.fromarray(mask).save(src / folder / "10001.bmp")
+
+    dst = str(tmp_path / "out")
+    failures = import_octa500(str(src), dst, workers=2)
+    assert [f[0] for f in failures] == ["10003"]
+    assert "5.bmp" in failures[0][1]
+    assert "failed: 10003:" in capsys.readouterr().err
+    layout = DatasetLayout(dst)
+    assert layout.ids() == ["10001", "10002"]
+    for sample_id, volume in volumes.items():
+        back, affine = read_volume(layout.image_url(sample_id))
+        assert back.dtype == np.uint8
+        np.testing.assert_array_equal(back, volume)
+        np.testing.assert_allclose(np.diag(affine)[:3], [3 / 12, 2 / 10, 3 / 8])
+    layers = read_label(layout.label_url("layers", "10001"), "layers", (12, 10, 8))
+    np.testing.assert_array_equal(layers[0, :, 0], [0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
+    vessels = read_label(layout.label_url("vessels", "10001"), "vessels", (12, 10, 8))
+    assert vessels[3, 0] == 1 and vessels[0, 2] == 2 and vessels[3, 2] == 2 and vessels[0, 0] == 0
+    assert layout.label_ids("layers") == ["10001"]
+    assert [r["id"] for r in layout.read_manifest()] == ["10001", "10002"]
+
+
+def test_import_octa500_cli_exit_status(tmp_path):
+    from caldm.cli import main
+
+    src = tmp_path / "OCTA_6mm"
+    _bmp_folder(src / "OCT" / "1", np.zeros((3, 4, 5), np.uint8))
+    assert main(["import-octa500", str(src), str(tmp_path / "a")]) == 0
+    (src / "OCT" / "2").mkdir()  # a volume folder without B-scans
+    assert main(["import-octa500", str(src), str(tmp_path / "b")]) == 1
+    assert DatasetLayout(str(tmp_path / "b")).ids() == ["1"]
+    assert main(["import-octa500", str(tmp_path / "none"), str(tmp_path / "c")]) == 2

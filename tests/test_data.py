@@ -4,13 +4,25 @@ the phantom dataset, OCTA-500 import and the stage datasets."""
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from caldm.data.datasets import num_layer_classes
+from caldm.config import preset
+from caldm.data.datasets import (
+    BScanDataset,
+    LatentDataset,
+    SliceWindowDataset,
+    ThumbnailSliceDataset,
+    latent_url,
+    num_layer_classes,
+    write_latent_source,
+    write_latents,
+)
 from caldm.data.io import (
     read_label,
     read_volume,
@@ -362,3 +374,174 @@ def test_import_octa500_cli_exit_status(tmp_path):
     assert main(["import-octa500", str(src), str(tmp_path / "b")]) == 1
     assert DatasetLayout(str(tmp_path / "b")).ids() == ["1"]
     assert main(["import-octa500", str(tmp_path / "none"), str(tmp_path / "c")]) == 2
+
+
+# ------------------------------------------------------------------------------ datasets
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("phantom"))
+    write_phantom_dataset(root, count=4, preset="tiny", seed=0)
+    return root
+
+
+def _take(dataset, n: int) -> list[dict]:
+    return list(itertools.islice(iter(dataset), n))
+
+
+@pytest.fixture
+def cfg():
+    return preset("tiny")
+
+
+def test_volume_datasets_yield_documented_shapes(phantom_root, cfg):
+    d, h, w = cfg.model.image_shape
+    s, k = cfg.data.slices_per_volume, cfg.model.k
+    items = _take(BScanDataset(phantom_root, cfg), 3)
+    assert all(set(i) == {"image"} and i["image"].shape == (1, h, w) for i in items)
+    assert all(i["image"].dtype == torch.float32 for i in items)
+    assert -1.0 <= float(items[0]["image"].min()) < float(items[0]["image"].max()) <= 1.0
+    item = _take(ThumbnailSliceDataset(phantom_root, cfg), 1)[0]
+    assert item["thumbnail"].shape == (1, *cfg.model.thumbnail_shape)
+    assert item["slices"].shape == (s, 1, h, w) and item["index"].shape == (s,)
+    assert item["index"].dtype == torch.long
+    # The slices are the normalised volume's slices at the given indices.
+    layout = DatasetLayout(phantom_root)
+    volumes = [to_unit_range(read_volume(layout.image_url(i))[0]) for i in layout.ids()]
+    slice0 = item["slices"][0, 0].numpy()
+    assert any(np.array_equal(v[int(item["index"][0])], slice0) for v in volumes)
+    window = _take(SliceWindowDataset(phantom_root, cfg), 1)[0]["window"]
+    assert window.shape == (k, 1, h, w)
+    match = [v for v in volumes if any(np.array_equal(v[j], window[k // 2, 0]) for j in range(d))]
+    assert match, "the window centre is a slice of some volume"
+
+
+def test_window_edges_are_replicated(tmp_path, cfg):
+    root = str(tmp_path / "one")
+    d, h, w = cfg.model.image_shape
+    vol = np.repeat(np.arange(d, dtype=np.uint8)[:, None, None] * 8, h, 1).repeat(w, 2)
+    write_volume(f"{root}/images/ramp.nii.gz", vol)
+    cfg.data.slices_per_volume = 64
+    centres_seen = set()
+    for item in _take(SliceWindowDataset(root, cfg), 64):
+        levels = np.rint((item["window"][:, 0, 0, 0].numpy() + 1) * 127.5 / 8).astype(int)
+        centre = levels[cfg.model.k // 2]
+        expected = np.clip(centre + np.arange(cfg.model.k) - cfg.model.k // 2, 0, d - 1)
+        np.testing.assert_array_equal(levels, expected)
+        centres_seen.add(int(centre))
+    assert 0 in centres_seen or d - 1 in centres_seen
+
+
+def test_resized_to_the_preset_shape(tmp_path, cfg):
+    root = str(tmp_path / "odd")
+    write_volume(f"{root}/images/x.nii", _volume((20, 40, 30)))
+    item = _take(BScanDataset(root, cfg), 1)[0]
+    assert item["image"].shape == (1, *cfg.model.image_shape[1:])
+
+
+def test_shards_are_disjoint_and_reshuffled(phantom_root, cfg):
+    ranks = [BScanDataset(phantom_root, cfg, rank=r, world_size=2, seed=5) for r in (0, 1)]
+    for epoch in range(3):
+        a, b = ranks[0].shard_ids(epoch), ranks[1].shard_ids(epoch)
+        assert len(a) == len(b) == 2 and not set(a) & set(b)
+        assert sorted(a + b) == DatasetLayout(phantom_root).ids()
+    orders = {tuple(ranks[0].shard_ids(e) + ranks[1].shard_ids(e)) for e in range(6)}
+    assert len(orders) > 1  # reshuffled across epochs
+    # What each rank actually yields in epoch 0 comes from its own volumes only.
+    cfg.data.slices_per_volume = 1
+    layout = DatasetLayout(phantom_root)
+    volumes = {i: to_unit_range(read_volume(layout.image_url(i))[0]) for i in layout.ids()}
+    for rank in ranks:
+        for item in _take(rank, 2):
+            image = item["image"][0].numpy()
+            owner = [i for i, v in volumes.items() if any(np.array_equal(s, image) for s in v)]
+            assert owner and owner[0] in rank.shard_ids(0)
+    with pytest.raises(DataError, match="cannot be sharded over 5 ranks"):
+        BScanDataset(phantom_root, cfg, rank=0, world_size=5)
+
+
+def test_dataloader_workers_split_a_rank(phantom_root, cfg):
+    cfg.data.slices_per_volume = 1
+    ds = ThumbnailSliceDataset(phantom_root, cfg, seed=1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    batch = next(iter(loader))
+    assert batch["thumbnail"].shape == (2, 1, *cfg.model.thumbnail_shape)
+    assert not torch.equal(batch["thumbnail"][0], batch["thumbnail"][1])
+
+
+def _dataset_with_bad_volume(tmp_path) -> str:
+    root = str(tmp_path / "bad")
+    write_volume(f"{root}/images/good.nii.gz", _volume((32, 64, 64)))
+    nan = np.zeros((32, 64, 64), np.float32)
+    nan[0, 0, 0] = np.nan
+    write_volume(f"{root}/images/nan.nii.gz", nan)
+    return root
+
+
+def test_bad_volume_is_skipped_or_raises(tmp_path, cfg, caplog):
+    root = _dataset_with_bad_volume(tmp_path)
+    items = _take(BScanDataset(root, cfg), 6)  # three epochs of the one good volume
+    assert len(items) == 6
+    assert "nan.nii.gz: contains NaN or Inf values" in caplog.text
+    cfg.data.skip_bad_volumes = False
+    with pytest.raises(DataError, match="nan.nii.gz: contains NaN"):
+        _take(BScanDataset(root, cfg), 6)  # epoch 0 reaches the bad volume
+
+
+def test_every_volume_bad_raises_instead_of_hanging(tmp_path, cfg):
+    root = str(tmp_path / "allbad")
+    write_volume(f"{root}/images/flat.nii.gz", np.zeros((4, 5), np.uint8))
+    with pytest.raises(DataError, match="every volume of this shard is bad"):
+        _take(BScanDataset(root, cfg), 1)
+
+
+@pytest.fixture
+def latent_root(tmp_path, phantom_root, cfg) -> str:
+    root = str(tmp_path / "latents")
+    rng = np.random.default_rng(0)
+    for sample_id in DatasetLayout(phantom_root).ids():
+        z = rng.normal(size=cfg.model.latent_shape).astype(np.float32)
+        z_sr = rng.normal(size=cfg.model.z_sr_shape).astype(np.float32)
+        write_latents(latent_url(root, sample_id), torch.from_numpy(z), z_sr, z_sr + 1)
+    write_latent_source(root, phantom_root, bundle="b")
+    return root
+
+
+def test_latent_datasets(latent_root, phantom_root, cfg):
+    c, d1, h1, w1 = cfg.model.latent_shape
+    _, d, hs, ws = cfg.model.z_sr_shape
+    _, h, w = cfg.model.image_shape
+    item = _take(LatentDataset(latent_root, cfg, "diff3d"), 1)[0]
+    assert set(item) == {"z"} and item["z"].shape == (c, d1, h1, w1)
+    item = _take(LatentDataset(latent_root, cfg, "refiner"), 1)[0]
+    assert item["z_sr"].shape == item["z_hr"].shape == (c, hs, ws)
+    torch.testing.assert_close(item["z_hr"], item["z_sr"] + 1)
+    item = _take(LatentDataset(latent_root, cfg, "diff3d", condition="layers"), 1)[0]
+    assert item["label"].shape == (d, h, w) and item["label"].dtype == torch.int64
+    assert int(item["label"].max()) == 8
+    item = _take(LatentDataset(latent_root, cfg, "refiner", condition="vessels"), 1)[0]
+    assert item["label"].shape == (w,) and item["label"].dtype == torch.int64
+    item = _take(
+        LatentDataset(latent_root, cfg, "diff3d", condition="vessels", data_root=phantom_root), 1
+    )[0]
+    assert item["label"].shape == (d, w)
+    ranks = [LatentDataset(latent_root, cfg, "diff3d", rank=r, world_size=2) for r in (0, 1)]
+    assert not set(ranks[0].shard_ids(0)) & set(ranks[1].shard_ids(0))
+
+
+def test_latent_dataset_errors(tmp_path, latent_root, phantom_root, cfg):
+    missing = str(tmp_path / "nolatents")
+    _raises_naming(missing, "no latent cache", LatentDataset, missing, cfg, "diff3d")
+    label = f"{phantom_root}/labels/vessels/phantom_0002.nii.gz"
+    os.rename(label, label + ".away")
+    try:
+        _raises_naming(
+            label, "missing vessels label", LatentDataset, latent_root, cfg, "refiner", "vessels"
+        )
+    finally:
+        os.rename(label + ".away", label)
+    write_latents(latent_url(latent_root, "phantom_0000"), np.zeros((1, 2, 3, 4)), 0, 0)
+    cfg.data.skip_bad_volumes = False
+    with pytest.raises(DataError, match=r"phantom_0000.safetensors: z has shape \(1, 2, 3, 4\)"):
+        _take(LatentDataset(latent_root, cfg, "diff3d"), 4)

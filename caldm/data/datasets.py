@@ -283,7 +283,7 @@ class LatentDataset(_ShardedStream):
 
 
 def num_layer_classes(root: str, max_files: int = 3) -> int:
-    """Number of layer classes of a dataset: from its manifest, else max label + 1 of a few files."""
+    """Layer classes of a dataset: from its manifest, else max label + 1 over a few files."""
     layout = DatasetLayout(root)
     counts = [r["layer_classes"] for r in layout.read_manifest() if "layer_classes" in r]
     if counts:

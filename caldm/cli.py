@@ -53,7 +53,8 @@ def _cmd_init_bundle(args: argparse.Namespace) -> int:
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from caldm.data.phantom import write_phantom_dataset
 
-    write_phantom_dataset(args.out, count=args.count, preset=args.preset, seed=args.seed)
+    ids = write_phantom_dataset(args.out, count=args.count, preset=args.preset, seed=args.seed)
+    print(f"wrote {len(ids)} phantom volumes ({args.preset}) to {args.out}")
     return 0
 
 

@@ -143,17 +143,6 @@ def row_url(out: str, sid: str) -> str:
 # --- labels --------------------------------------------------------------------------------
 
 
-def resize_nearest(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map to ``shape`` (voxel centres aligned)."""
-    if array.shape == tuple(shape):
-        return array
-    index = [
-        np.minimum(((np.arange(n) + 0.5) * src / n).astype(np.int64), src - 1)
-        for src, n in zip(array.shape, shape)
-    ]
-    return np.ascontiguousarray(array[np.ix_(*index)])
-
-
 def _label_zooms(url: str) -> tuple[float, ...]:
     """Voxel spacing from a NIfTI label's header, reading only the file's first bytes."""
     fs, path = split_url(url)
@@ -180,6 +169,8 @@ def load_label(
 
     Raises DataError naming ``url`` for an unreadable label or one of the wrong dimensionality.
     """
+    from caldm.data.preprocess import resize  # imports torch: only the sampler actors load labels
+
     label = read_label(url, kind)
     if 0 in label.shape:
         raise DataError(url, f"{kind} label has an empty axis (shape {label.shape})")
@@ -192,7 +183,7 @@ def load_label(
         target = (d, w)
         zd, zw = (zooms + (1.0, 1.0))[:2]
         spacing = [zd * label.shape[0] / d, 1.0, zw * label.shape[1] / w]
-    return resize_nearest(label, target), spacing_affine(tuple(spacing))
+    return resize(label, target, order="nearest"), spacing_affine(tuple(spacing))
 
 
 # --- resume --------------------------------------------------------------------------------
@@ -316,18 +307,29 @@ class SamplerActor:
             raise self._cached[1]
         return self._cached[1]
 
+    @staticmethod
+    def _error_row(row: dict[str, Any], error: DataError) -> dict[str, Any]:
+        empty = np.zeros((0,), np.uint8)  # same columns as a sample row
+        return {**row, "error": str(error), "volume": empty, "label": empty,
+                "affine": np.eye(4), "sample_s": 0.0}  # fmt: skip
+
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         try:
             label, affine = self._label(row["label_url"])
+            start = time.perf_counter()
+            volume = self.pipeline.sample(
+                seed=int(row["seed"]),
+                labels=label,
+                sampler=self.prov.sampler,
+                steps=self.prov.steps,
+            )
+            elapsed = time.perf_counter() - start
         except DataError as exc:
-            empty = np.zeros((0,), np.uint8)
-            return {**row, "error": str(exc), "volume": empty, "label": empty,
-                    "affine": np.eye(4), "sample_s": 0.0}  # fmt: skip
-        start = time.perf_counter()
-        volume = self.pipeline.sample(
-            seed=int(row["seed"]), labels=label, sampler=self.prov.sampler, steps=self.prov.steps
-        )
-        elapsed = time.perf_counter() - start
+            # The sampler checks labels against the bundle (say, layer classes it was not
+            # trained on): a DataError from it is about this label, and so are its other samples.
+            error = DataError(row["label_url"], exc.problem)
+            self._cached = (row["label_url"], error)
+            return self._error_row(row, error)
         volume = np.asarray(volume, dtype=np.uint8)
         return {**row, "error": "", "volume": volume, "label": label, "affine": affine,
                 "sample_s": elapsed}  # fmt: skip

@@ -263,7 +263,7 @@ def _paper() -> dict[str, Any]:
             "condition": {"channels": 32},
             "discriminator": {"channels": 64, "num_layers": 3},
         },
-        "sampling": {"steps": 200, "slice_batch": 64, "decode_chunk": 16},
+        "sampling": {"steps": 200, "slice_batch": 32, "decode_chunk": 8},
         "train": {"precision": "bf16", "activation_checkpointing": True, "micro_batch": 1},
     }
 

@@ -35,7 +35,14 @@ from caldm.data.io import (
 from caldm.data.layout import DatasetLayout
 from caldm.data.phantom import LAYER_NAMES, write_phantom_dataset
 from caldm.data.preprocess import resize
-from caldm.distributed.generate import generate_dataset, sample_seed
+from caldm.distributed.generate import (
+    Provenance,
+    complete_samples,
+    generate_dataset,
+    load_label,
+    sample_seed,
+)
+from caldm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "generate_dataset.py"
@@ -198,3 +205,32 @@ def test_bad_labels_are_reported_and_skipped(
     assert all(e["error"].startswith(e["label"] + ": ") for e in errors)
     assert DatasetLayout(out).ids() == ["good_s0", "good_s1"]
     assert [r["id"] for r in DatasetLayout(out).read_manifest()] == ["good_s0", "good_s1"]
+
+
+@pytest.mark.parametrize("stored", [(20, 48), (20, 1, 48)])
+def test_vessels_label_resized_with_its_spacing(s3_bucket: str, stored: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(0)
+    url = f"{s3_bucket}/v.nii.gz"
+    vessels = rng.integers(0, 3, stored, dtype=np.uint8)
+    spacing = (0.3, 0.01, 0.125) if len(stored) == 3 else (0.3, 0.125, 1.0)
+    write_volume(url, vessels, np.diag([*spacing, 1.0]))
+    label, affine = load_label(url, "vessels", SHAPE)
+    flat = vessels.reshape(stored[0], stored[-1])
+    np.testing.assert_array_equal(label, resize(flat, (SHAPE[0], SHAPE[2]), order="nearest"))
+    np.testing.assert_allclose(np.diag(affine)[:3], [0.3 * 20 / 16, 1.0, 0.125 * 48 / 32])
+
+
+def test_complete_means_row_and_both_files(reference: str, s3_bucket: str) -> None:
+    fs, path = split_url(reference)
+    copy = f"{s3_bucket}/copy"
+    fs.copy(path, split_url(copy)[1], recursive=True)
+    row = DatasetLayout(reference).read_manifest()[0]
+    prov = Provenance(row["bundle"]["url"], row["bundle"]["hash"], row["sampler"], row["steps"])
+    assert len(complete_samples(copy, "layers", prov)) == 6
+    fs.rm(split_url(f"{copy}/images/{row['id']}.nii.gz")[1])  # lost after its row was written
+    fs.rm(split_url(f"{copy}/.manifest/phantom_0002_s1.json")[1])  # killed before its row
+    assert complete_samples(copy, "layers", prov) == {
+        "phantom_0000_s1", "phantom_0001_s0", "phantom_0001_s1", "phantom_0002_s0"
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match="choose another --out"):
+        complete_samples(copy, "layers", Provenance("b", "0" * 64, "ddim", 2))

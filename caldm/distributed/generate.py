@@ -90,6 +90,9 @@ class GenerateReport:
     wall_s: float = 0.0
     sample_s: float = 0.0  # summed time actors spent inside the sampler
     write_s: float = 0.0  # summed time writer tasks spent encoding, writing and verifying
+    # From the first sampling start to the last write end (wall clock): the steady state,
+    # without Ray start-up and model loading.
+    span_s: float = 0.0
 
     @property
     def failed(self) -> bool:
@@ -111,7 +114,7 @@ def sample_seed(label_id: str, index: int) -> int:
 
 
 def plan_samples(layout: DatasetLayout, kind: LabelKind, per_label: int) -> list[dict[str, Any]]:
-    """One row per sample to make: id, label id, label URL, index and seed, in id order."""
+    """One row per sample to make (id, label id, label URL, index, seed), label by label."""
     label_ids = layout.label_ids(kind)
     if not label_ids:
         raise DataError(f"{layout.root}/labels/{kind}", f"no {kind} labels (<id>.nii.gz) found")
@@ -143,22 +146,22 @@ def row_url(out: str, sid: str) -> str:
 # --- labels --------------------------------------------------------------------------------
 
 
-def _label_zooms(url: str) -> tuple[float, ...]:
-    """Voxel spacing from a NIfTI label's header, reading only the file's first bytes."""
+def _label_header(url: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(shape, voxel spacing) from a NIfTI label's header, reading only the file's first bytes."""
     fs, path = split_url(url)
     with storage_errors(url), fs.open(path, "rb", block_size=1 << 16) as fh:
         head = fh.read(1 << 16)
     try:
         if head[:2] == b"\x1f\x8b":  # a partial gzip stream: decompress what we have
             head = zlib.decompressobj(wbits=31).decompress(head, 1024)
-        for header_type in (nib.Nifti1Header, nib.Nifti2Header):
-            try:
-                header = header_type.from_fileobj(io.BytesIO(head))
-                return tuple(float(z) for z in header.get_zooms())
-            except Exception:
-                continue
     except zlib.error as exc:
         raise DataError(url, f"corrupt gzip data ({exc})") from None
+    for header_type in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            header = header_type.from_fileobj(io.BytesIO(head))
+        except Exception:  # nibabel raises several types for a header of the other version
+            continue
+        return tuple(header.get_data_shape()), tuple(float(z) for z in header.get_zooms())
     raise DataError(url, "not a NIfTI file (unreadable header)")
 
 
@@ -174,15 +177,15 @@ def load_label(
     label = read_label(url, kind)
     if 0 in label.shape:
         raise DataError(url, f"{kind} label has an empty axis (shape {label.shape})")
-    zooms = _label_zooms(url)
+    stored, zooms = _label_header(url)
     d, h, w = image_shape
     if kind == "layers":
         target: tuple[int, ...] = (d, h, w)
         spacing = [z * s / t for z, s, t in zip(zooms, label.shape, target)]
-    else:
+    else:  # stored as D x W, or as D x 1 x W
         target = (d, w)
-        zd, zw = (zooms + (1.0, 1.0))[:2]
-        spacing = [zd * label.shape[0] / d, 1.0, zw * label.shape[1] / w]
+        zw = zooms[2] if len(stored) >= 3 and stored[1] == 1 else zooms[1]
+        spacing = [zooms[0] * label.shape[0] / d, 1.0, zw * label.shape[1] / w]
     return resize(label, target, order="nearest"), spacing_affine(tuple(spacing))
 
 
@@ -281,8 +284,8 @@ class SamplerActor:
     """Ray Data actor: loads the bundle once, then turns sample rows into volumes.
 
     A label that cannot be read gives a row with ``error`` set instead of raising, so one bad
-    label does not stop the job. The last label is cached: a label's samples usually follow
-    each other on the same actor.
+    label does not stop the job. The last label (or its error) is cached: a label's samples
+    usually follow each other on the same actor.
     """
 
     def __init__(
@@ -311,12 +314,12 @@ class SamplerActor:
     def _error_row(row: dict[str, Any], error: DataError) -> dict[str, Any]:
         empty = np.zeros((0,), np.uint8)  # same columns as a sample row
         return {**row, "error": str(error), "volume": empty, "label": empty,
-                "affine": np.eye(4), "sample_s": 0.0}  # fmt: skip
+                "affine": np.eye(4), "sample_s": 0.0, "started": 0.0}  # fmt: skip
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         try:
             label, affine = self._label(row["label_url"])
-            start = time.perf_counter()
+            started, start = time.time(), time.perf_counter()
             volume = self.pipeline.sample(
                 seed=int(row["seed"]),
                 labels=label,
@@ -332,7 +335,7 @@ class SamplerActor:
             return self._error_row(row, error)
         volume = np.asarray(volume, dtype=np.uint8)
         return {**row, "error": "", "volume": volume, "label": label, "affine": affine,
-                "sample_s": elapsed}  # fmt: skip
+                "sample_s": elapsed, "started": started}  # fmt: skip
 
 
 def put_verified(url: str, data: bytes) -> dict[str, Any]:
@@ -365,6 +368,8 @@ def write_sample(row: dict[str, Any], out: str, kind: str, prov: Provenance) -> 
         "error": row["error"],
         "sample_s": float(row["sample_s"]),
         "write_s": 0.0,
+        "started": float(row["started"]),
+        "finished": 0.0,
     }
     if row["error"]:
         return summary
@@ -386,6 +391,7 @@ def write_sample(row: dict[str, Any], out: str, kind: str, prov: Provenance) -> 
     }
     write_bytes(row_url(out, sid), json.dumps(record, sort_keys=True).encode())
     summary["write_s"] = time.perf_counter() - start
+    summary["finished"] = time.time()
     return summary
 
 
@@ -457,7 +463,8 @@ def _ensure_ray() -> Any:
     import ray
 
     if not ray.is_initialized():
-        # Connects to RAY_ADDRESS when set (a cluster or `ray job submit`), else starts locally.
+        # RAY_ADDRESS when set (a cluster, `ray job submit`), else a cluster started on this
+        # machine, else a new local one.
         ray.init(log_to_driver=False)
     return ray
 
@@ -561,6 +568,13 @@ def _run(
     report: GenerateReport,
 ) -> None:
     ray = _ensure_ray()
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    if workers * cpus_per_worker + 0.5 > cpus:
+        # Writer tasks need CPU too; with none left the actors' output piles up unwritten.
+        raise ConfigError(
+            f"--workers {workers} x --cpus-per-worker {cpus_per_worker} leaves no CPU for "
+            f"writer tasks on a cluster of {cpus:g} CPUs (each takes 0.5)"
+        )
     # One block per sample: blocks are the unit an actor takes, so this spreads the work.
     samples = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
         SamplerActor,
@@ -578,12 +592,14 @@ def _run(
     )
     bar = _Progress(len(todo), progress_every, log)
     errors: dict[str, str] = {}
+    first, last = float("inf"), 0.0
     try:
         for row in written.iter_rows():
             if row["error"]:
                 errors.setdefault(row["label_url"], row["error"])
             else:
                 report.generated += 1
+                first, last = min(first, row["started"]), max(last, row["finished"])
             report.sample_s += float(row["sample_s"])
             report.write_s += float(row["write_s"])
             bar.update(bool(row["error"]))
@@ -597,3 +613,4 @@ def _run(
     finally:
         bar.close()
     report.errors = [{"label": k, "error": v} for k, v in sorted(errors.items())]
+    report.span_s = max(last - first, 0.0)

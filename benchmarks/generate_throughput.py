@@ -94,6 +94,15 @@ def table(args: argparse.Namespace, results: list[tuple[int, GenerateReport]]) -
             f"| {actors} | {r.wall_s:.1f} | {r.span_s:.1f} | {per_hour:.1f} | "
             f"{per_hour / actors:.1f} | {r.sample_s / n:.2f} | {r.write_s / n:.3f} | {busy:.2f} |"
         )
+    cores = os.cpu_count() or 1
+    if not gpu and cores < max(args.actors) + 1:
+        lines += [
+            "",
+            f"On {cores} cores, {max(args.actors)} actors plus writer tasks oversubscribe the "
+            "CPU: the rows measure contention for cores (on GPUs each actor has its own device).",
+        ]
+    if hasattr(os, "getloadavg"):
+        lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f} (other jobs count)."]
     return "\n".join(lines) + "\n"
 
 

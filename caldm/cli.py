@@ -53,7 +53,8 @@ def _cmd_init_bundle(args: argparse.Namespace) -> int:
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from caldm.data.phantom import write_phantom_dataset
 
-    write_phantom_dataset(args.out, count=args.count, preset=args.preset, seed=args.seed)
+    ids = write_phantom_dataset(args.out, count=args.count, preset=args.preset, seed=args.seed)
+    print(f"wrote {len(ids)} phantom volumes ({args.preset}) to {args.out}")
     return 0
 
 
@@ -73,11 +74,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="caldm",
-        description="CA-LDM for high-resolution OCT volumes: inspect, account, sample, prepare data.",
+        description="CA-LDM for high-resolution OCT volumes: inspect, account, sample, import.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(fn=fn)
         return p
@@ -103,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", choices=("layers", "vessels"), default=None)
     p.add_argument("--seed", type=int, default=0)
 
-    p = add("phantom", _cmd_phantom, "Write the phantom OCT dataset (images, layer and vessel labels).")
+    p = add(
+        "phantom", _cmd_phantom, "Write the phantom OCT dataset (images, layer and vessel labels)."
+    )
     p.add_argument("--out", required=True, help="dataset URL (local path or s3://)")
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--preset", default="tiny", choices=PRESETS, help="volume shape of the preset")

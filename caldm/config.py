@@ -213,6 +213,7 @@ class DataConfig(_Strict):
 
 class Config(_Strict):
     preset: str = "custom"
+    stage: Literal["ae2d", "nhae", "adaptor", "diff3d", "refiner"] | None = None  # set by training
     model: ModelConfig
     diffusion: DiffusionConfig = DiffusionConfig()
     sampling: SamplingConfig = SamplingConfig()

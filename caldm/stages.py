@@ -1,0 +1,231 @@
+"""One spec per training stage (DESIGN.md "Training order"): what trains, what is frozen and
+loaded from the bundle, which dataset feeds it, and its loss. One train loop serves them all
+(:mod:`caldm.distributed.train`); the meta-device memory accounting runs the same steps.
+
+A step function takes the stage's modules (a dict by bundle name, plus ``disc`` for the GAN
+stages), a batch from the stage's dataset and a :class:`StepContext`, and returns a
+:class:`StepOutput`: the generator-side loss parts (``"loss"`` is the one to minimise) and, for
+the GAN stages, the real and reconstructed images the discriminator judges next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caldm.config import Config
+from caldm.diffusion.objective import diffusion_loss
+from caldm.diffusion.schedule import NoiseSchedule
+from caldm.nn.losses import HybridLoss, hinge_d_loss
+from caldm.nn.nets.dec_m import DecM
+
+Modules = dict[str, nn.Module]
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides modules and batch."""
+
+    cfg: Config
+    step: int = 0
+    hybrid: HybridLoss | None = None  # autoencoder stages
+    schedule: NoiseSchedule | None = None  # diffusion stages
+    latent_scale: float = 1.0  # diffusion stages: latents are multiplied by this
+    condition: str | None = None  # label guidance kind, when fine-tuning with a condition
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class StepOutput:
+    losses: dict[str, torch.Tensor]
+    real: torch.Tensor | None = None  # images the discriminator sees as real
+    fake: torch.Tensor | None = None  # reconstructions (not detached)
+    preview: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+StepFn = Callable[[Modules, Batch, StepContext], StepOutput]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A training stage.
+
+    Attributes:
+        name: the stage name used by ``jobs/train_stage.py --stage``.
+        trains: bundle modules optimised (and exported) by this stage.
+        frozen: bundle modules loaded from ``--bundle`` and kept fixed.
+        dataset: which stage dataset feeds it (see :mod:`caldm.data.datasets`).
+        step: the loss computation.
+        gan: trains a patch discriminator (``disc``) in a second engine.
+        diffusion: keeps EMA weights, exports them, and can be label-conditioned.
+    """
+
+    name: str
+    trains: tuple[str, ...]
+    frozen: tuple[str, ...]
+    dataset: str
+    step: StepFn
+    gan: bool = False
+    diffusion: bool = False
+
+    def trainable(self, condition: str | None) -> tuple[str, ...]:
+        """Trained modules; a conditioned diffusion stage also trains its condition encoder."""
+        if self.diffusion and condition:
+            return (*self.trains, f"cond_{self.trains[0]}")
+        return self.trains
+
+
+def _sample_latent(mu: torch.Tensor, log_var: torch.Tensor, g: torch.Generator | None):
+    noise = torch.randn(mu.shape, generator=g, device=mu.device, dtype=mu.dtype)
+    return mu + (0.5 * log_var).exp() * noise
+
+
+def _adversarial(mods: Modules, fake: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+    assert ctx.hybrid is not None
+    if "disc" not in mods or not ctx.hybrid.adversarial_active(ctx.step):
+        return None
+    return mods["disc"](fake)[-1]
+
+
+def ae2d_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
+    """Enc2D/Dec2D on random B-scans: the LDM hybrid loss."""
+    x = batch["image"]
+    mu, log_var = mods["enc2d"](x)
+    x_rec = mods["dec2d"](_sample_latent(mu, log_var, ctx.generator))
+    losses = ctx.hybrid(x, x_rec, _adversarial(mods, x_rec, ctx), mu, log_var)
+    return StepOutput(losses, real=x, fake=x_rec, preview={"real": x, "reconstructed": x_rec})
+
+
+def nhae_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
+    """Enc3D and f_sr: thumbnail in, a few full-resolution slices out through frozen Dec2D,
+    plus an L1 pull of z_sr_i towards the slice latent Enc2D(x_i)."""
+    thumb, slices, index = batch["thumbnail"], batch["slices"], batch["index"]
+    mu, log_var = mods["enc3d"](thumb)
+    z_sr = mods["f_sr"](_sample_latent(mu, log_var, ctx.generator))  # (B, c, D, H', W')
+    b, s = index.shape
+    picked = z_sr.movedim(2, 1)[torch.arange(b, device=index.device)[:, None], index]
+    picked = picked.flatten(0, 1)  # (B*S, c, H', W')
+    x = slices.flatten(0, 1)  # (B*S, 1, H, W)
+    with torch.no_grad():
+        target_latent, _ = mods["enc2d"](x)
+    x_rec = mods["dec2d"](picked)
+    losses = ctx.hybrid(x, x_rec, _adversarial(mods, x_rec, ctx), mu, log_var)
+    losses["latent_l1"] = F.l1_loss(picked.float(), target_latent.float())
+    losses["loss"] = losses["loss"] + ctx.cfg.model.loss.latent_weight * losses["latent_l1"]
+    return StepOutput(losses, real=x, fake=x_rec, preview={"real": x, "reconstructed": x_rec})
+
+
+def adaptor_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
+    """DecM's 3D adaptors: k consecutive slices encoded by frozen Enc2D, decoded by DecM
+    (frozen Dec2D + adaptors); the center slice is compared with the real one (Eq. 1)."""
+    window = batch["window"]  # (B, k, 1, H, W)
+    b, k = window.shape[:2]
+    with torch.no_grad():
+        z, _ = mods["enc2d"](window.flatten(0, 1))
+    z = z.reshape(b, k, *z.shape[1:])
+    x_rec = DecM(mods["dec2d"], mods["adaptors"]).decode_center(z)
+    x = window[:, k // 2]
+    losses = ctx.hybrid(x, x_rec, _adversarial(mods, x_rec, ctx))
+    return StepOutput(losses, real=x, fake=x_rec, preview={"real": x, "reconstructed": x_rec})
+
+
+def _guide(
+    mods: Modules, name: str, batch: Batch, ctx: StepContext, extra: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The channels concatenated to a diffusion UNet's input: ``extra`` then condition
+    features, whose rows are zeroed with probability ``condition.dropout`` (so the model also
+    learns the unconditional case, for classifier-free guidance)."""
+    parts = [] if extra is None else [extra]
+    if ctx.condition:
+        feats = mods[f"cond_{name}"](batch["label"])
+        p = ctx.cfg.model.condition.dropout
+        if p > 0:
+            keep = torch.rand(feats.shape[0], device=feats.device, generator=ctx.generator) >= p
+            feats = feats * keep.to(feats.dtype).view(-1, *[1] * (feats.dim() - 1))
+        parts.append(feats)
+    return torch.cat(parts, 1) if parts else None
+
+
+def diff3d_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
+    """Diff3D on cached z (scaled to about unit variance)."""
+    z = batch["z"] * ctx.latent_scale
+    guide = _guide(mods, "diff3d", batch, ctx, None)
+    loss = diffusion_loss(
+        lambda x, t: mods["diff3d"](x, t, guide), ctx.schedule, z, generator=ctx.generator
+    )
+    return StepOutput({"loss": loss, "mse": loss.detach()})
+
+
+def refiner_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
+    """Diff_slice on cached (z_sr_i, z_hr_i) pairs: generate z_hr_i guided by z_sr_i."""
+    z_hr = batch["z_hr"] * ctx.latent_scale
+    guide = _guide(mods, "refiner", batch, ctx, batch["z_sr"] * ctx.latent_scale)
+    loss = diffusion_loss(
+        lambda x, t: mods["refiner"](x, t, guide), ctx.schedule, z_hr, generator=ctx.generator
+    )
+    return StepOutput({"loss": loss, "mse": loss.detach()})
+
+
+def discriminator_loss(disc: nn.Module, out: StepOutput) -> torch.Tensor:
+    """Hinge loss of the patch discriminator on real vs (detached) reconstructed images."""
+    return hinge_d_loss(disc(out.real.detach())[-1], disc(out.fake.detach())[-1])
+
+
+STAGES: dict[str, StageSpec] = {
+    "ae2d": StageSpec("ae2d", ("enc2d", "dec2d"), (), "bscan", ae2d_step, gan=True),
+    "nhae": StageSpec(
+        "nhae", ("enc3d", "f_sr"), ("enc2d", "dec2d"), "thumbnail_slices", nhae_step, gan=True
+    ),
+    "adaptor": StageSpec(
+        "adaptor", ("adaptors",), ("enc2d", "dec2d"), "slice_window", adaptor_step, gan=True
+    ),
+    "diff3d": StageSpec("diff3d", ("diff3d",), (), "latents", diff3d_step, diffusion=True),
+    "refiner": StageSpec("refiner", ("refiner",), (), "latents", refiner_step, diffusion=True),
+}
+
+
+def example_batch(
+    stage: str,
+    cfg: Config,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    condition: str | None = None,
+) -> Batch:
+    """A batch of the right shapes (random values) for ``stage``: for tests and accounting."""
+    m = cfg.model
+    b = batch_size or cfg.train.micro_batch
+    d, h, w = m.image_shape
+    c, hl, wl = m.slice_latent_shape
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    if stage == "ae2d":
+        batch = {"image": rnd(b, 1, h, w)}
+    elif stage == "nhae":
+        s = cfg.data.slices_per_volume
+        batch = {
+            "thumbnail": rnd(b, 1, *m.thumbnail_shape),
+            "slices": rnd(b, s, 1, h, w),
+            "index": torch.randint(0, d, (b, s), device=device),
+        }
+    elif stage == "adaptor":
+        batch = {"window": rnd(b, m.k, 1, h, w)}
+    elif stage == "diff3d":
+        batch = {"z": rnd(b, *m.latent_shape)}
+    elif stage == "refiner":
+        batch = {"z_sr": rnd(b, c, hl, wl), "z_hr": rnd(b, c, hl, wl)}
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    if condition:
+        full = (d, h, w) if condition == "layers" else (d, w)
+        shape = full if stage == "diff3d" else full[1:]
+        hi = m.condition.layer_classes if condition == "layers" else 3
+        batch["label"] = torch.randint(0, hi, (b, *shape), device=device)
+    return batch

@@ -33,13 +33,6 @@ PREVIEW_PER_SET = 2
 log = logging.getLogger(__name__)
 
 
-class VolumeError(CaldmError):
-    """A DataError raised inside a Ray worker, carried to the driver as its one-line message.
-
-    (DataError takes two arguments and so does not survive pickling between processes.)
-    """
-
-
 def list_volumes(root: str) -> list[tuple[str, str]]:
     """(id, image URL) of every volume under ``root``; DataError naming ``root`` if none."""
     from caldm.data.layout import DatasetLayout
@@ -48,16 +41,11 @@ def list_volumes(root: str) -> list[tuple[str, str]]:
     return [(sample_id, layout.image_url(sample_id)) for sample_id in layout.ids()]
 
 
-def volume_planes(url: str, max_slices: int) -> dict[str, Any]:
-    """Read one volume; its TV and its intra and inter planes at INPUT_SIZE, on [0, 1].
+def volume_planes(volume: np.ndarray, max_slices: int) -> dict[str, Any]:
+    """A volume's TV and its intra and inter planes at INPUT_SIZE on [0, 1].
 
-    Returns ``{"tv": float, "intra": (k, S, S), "inter": (k, S, S)}`` float32 arrays.
+    Returns ``{"tv": float, "intra": (k, S, S), "inter": (k, S, S)}`` (float32 planes).
     """
-    from caldm.data.io import read_volume
-
-    volume, _ = read_volume(url)
-    if min(volume.shape) < 2:
-        raise DataError(url, f"volume of shape {volume.shape} is too small to evaluate")
     return {
         "tv": metrics.total_variation(volume),
         "intra": metrics.resize_planes(
@@ -69,24 +57,40 @@ def volume_planes(url: str, max_slices: int) -> dict[str, Any]:
     }
 
 
+def _read_planes(url: str, max_slices: int) -> dict[str, Any]:
+    from caldm.data.io import read_volume
+
+    volume, _ = read_volume(url)
+    if min(volume.shape) < 2:
+        raise DataError(url, f"volume of shape {volume.shape} is too small to evaluate")
+    return volume_planes(volume, max_slices)
+
+
 def _read_batch(batch: dict[str, np.ndarray], max_slices: int) -> dict[str, np.ndarray]:
-    """Ray Data map_batches fn: volumes (set, id, url) -> plane rows."""
-    out: dict[str, list] = {"set": [], "id": [], "kind": [], "tv": [], "plane": []}
+    """Ray Data map_batches fn: volumes (set, id, url) -> plane rows.
+
+    A volume that cannot be read becomes one row whose ``error`` names the file (its plane is
+    a dummy): the driver stops on it with that one line. Raising here instead would surface as
+    a Ray stack trace and lose the DataError, which does not pickle.
+    """
+    rows: list[dict[str, np.ndarray]] = []
     for set_name, sample_id, url in zip(batch["set"], batch["id"], batch["url"]):
         try:
-            planes = volume_planes(str(url), max_slices)
+            planes = _read_planes(str(url), max_slices)
         except CaldmError as exc:
-            raise VolumeError(str(exc)) from None
-        for kind in metrics.PLANE_KINDS:
+            error = np.zeros((1, INPUT_SIZE, INPUT_SIZE), np.float32)
+            planes = {"tv": np.nan, "error": error}
+            message = str(exc)
+        else:
+            message = ""
+        for kind in (k for k in planes if k != "tv"):
             n = len(planes[kind])
-            out["set"] += [set_name] * n
-            out["id"] += [sample_id] * n
-            out["kind"] += [kind] * n
-            out["tv"] += [planes["tv"]] * n
-            out["plane"].append(planes[kind])
-    result = {k: np.asarray(v) for k, v in out.items() if k != "plane"}
-    result["plane"] = np.concatenate(out["plane"]).astype(np.float32, copy=False)
-    return result
+            rows.append({
+                "set": np.full(n, set_name), "id": np.full(n, sample_id),
+                "kind": np.full(n, kind), "tv": np.full(n, planes["tv"], np.float64),
+                "error": np.full(n, message, dtype=object), "plane": planes[kind],
+            })
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
 class PlaneFeatures:
@@ -99,10 +103,7 @@ class PlaneFeatures:
 
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            model, _ = build_fid_inception(inception_weights)
-        except CaldmError as exc:
-            raise VolumeError(str(exc)) from None
+        model, _ = build_fid_inception(inception_weights)
         self.model = model.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -110,22 +111,6 @@ class PlaneFeatures:
         with self.torch.inference_mode():
             batch["feature"] = self.model.features(x.to(self.device)).float().cpu().numpy()
         return batch
-
-
-def _caldm_cause(exc: BaseException) -> CaldmError | None:
-    """The CaldmError a Ray failure wraps (Ray keeps it in ``.cause``/``__cause__``), if any."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(e, CaldmError) and not isinstance(cause, BaseException):
-            return e
-        stack += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
-    return None
 
 
 def _ensure_ray() -> Any:
@@ -191,19 +176,16 @@ def compute_report(
     )
     stats = {(s, k): metrics.FeatureStats(FEATURE_DIM) for s in SETS for k in metrics.PLANE_KINDS}
     tv: dict[str, dict[str, float]] = {s: {} for s in SETS}
-    try:
-        for batch in features.iter_batches(batch_size=256, batch_format="numpy"):
-            for key, acc in stats.items():
-                mask = (batch["set"] == key[0]) & (batch["kind"] == key[1])
-                if mask.any():
-                    acc.update(batch["feature"][mask])
-            for set_name, sample_id, value in zip(batch["set"], batch["id"], batch["tv"]):
-                tv[str(set_name)][str(sample_id)] = float(value)
-    except Exception as exc:
-        cause = _caldm_cause(exc)
-        if cause is None:
-            raise
-        raise CaldmError(str(cause).strip().splitlines()[0]) from None
+    for batch in features.iter_batches(batch_size=256, batch_format="numpy"):
+        errors = [e for e in batch["error"] if e]
+        if errors:
+            raise CaldmError(errors[0])
+        for key, acc in stats.items():
+            mask = (batch["set"] == key[0]) & (batch["kind"] == key[1])
+            if mask.any():
+                acc.update(batch["feature"][mask])
+        for set_name, sample_id, value in zip(batch["set"], batch["id"], batch["tv"]):
+            tv[str(set_name)][str(sample_id)] = float(value)
 
     return {
         "intra_fid": stats["real", "intra"].frechet_distance(stats["synthetic", "intra"]),

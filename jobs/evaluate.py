@@ -31,16 +31,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", required=True, help="real dataset root (local path or s3://...)")
     p.add_argument("--synthetic", required=True, help="synthetic dataset root")
     p.add_argument("--out", required=True, help="report FILE.json; the preview PNG goes beside")
-    p.add_argument("--inception-weights", default=None, metavar="URL",
-                   help="pt_inception-2015-12-05 weights (.pth or .safetensors); never "
-                   "downloaded. Default: a fixed-seed random Inception (not comparable with "
-                   "published FID values)")
-    p.add_argument("--max-slices-per-volume", type=int, default=16, metavar="N",
-                   help="evenly spaced planes per volume and direction (default 16)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B",
-                   help="planes per feature batch (default 32)")
-    p.add_argument("--num-gpus", type=int, default=None, metavar="G",
-                   help="GPU actors, one GPU each (default: every GPU of the cluster; 0: CPU)")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="URL",
+        help="pt_inception-2015-12-05 weights (.pth or .safetensors); never "
+        "downloaded. Default: a fixed-seed random Inception (not comparable with "
+        "published FID values)",
+    )
+    p.add_argument(
+        "--max-slices-per-volume",
+        type=int,
+        default=16,
+        metavar="N",
+        help="evenly spaced planes per volume and direction (default 16)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        metavar="B",
+        help="planes per feature batch (default 32)",
+    )
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        default=None,
+        metavar="G",
+        help="GPU actors, one GPU each (default: every GPU of the cluster; 0: CPU)",
+    )
     return p
 
 

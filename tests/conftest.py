@@ -63,3 +63,13 @@ def s3_bucket(s3_server: str) -> Iterator[str]:
     s3fs.S3FileSystem().mkdir(name)
     yield f"s3://{name}"
     _clear_s3fs_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray instance (2 CPUs) for the whole session."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

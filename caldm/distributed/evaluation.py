@@ -85,11 +85,16 @@ def _read_batch(batch: dict[str, np.ndarray], max_slices: int) -> dict[str, np.n
             message = ""
         for kind in (k for k in planes if k != "tv"):
             n = len(planes[kind])
-            rows.append({
-                "set": np.full(n, set_name), "id": np.full(n, sample_id),
-                "kind": np.full(n, kind), "tv": np.full(n, planes["tv"], np.float64),
-                "error": np.full(n, message, dtype=object), "plane": planes[kind],
-            })
+            rows.append(
+                {
+                    "set": np.full(n, set_name),
+                    "id": np.full(n, sample_id),
+                    "kind": np.full(n, kind),
+                    "tv": np.full(n, planes["tv"], np.float64),
+                    "error": np.full(n, message, dtype=object),
+                    "plane": planes[kind],
+                }
+            )
     return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -261,8 +266,13 @@ def write_outputs(
     write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
     write_bytes(preview_url(out), png.getvalue())
     out_dir = os.path.dirname(out) if "://" not in out else out.rsplit("/", 1)[0]
-    params = {"real": real, "synthetic": synthetic, "inception_weights": weights,
-              "feature_extractor": report["feature_extractor"], "slices": report["slices"]}
+    params = {
+        "real": real,
+        "synthetic": synthetic,
+        "inception_weights": weights,
+        "feature_extractor": report["feature_extractor"],
+        "slices": report["slices"],
+    }
     with tracking.start_run(out_dir or ".", "evaluate", "evaluate", params):
         tracking.log_metrics({k: report[k] for k in ("intra_fid", "inter_fid", "tv")})
         tracking.log_image(image, "preview.png")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -123,7 +122,7 @@ def _ensure_ray() -> Any:
 
     if not ray.is_initialized():
         # Connects to RAY_ADDRESS when set (a cluster or `ray job submit`), else starts locally.
-        ray.init(log_to_driver=False)
+        ray.init()
     return ray
 
 
@@ -221,8 +220,7 @@ def preview_image(real: str, synthetic: str, per_set: int = PREVIEW_PER_SET) -> 
 
 def preview_url(out: str) -> str:
     """The preview PNG written beside the report: ``x/report.json`` -> ``x/report.png``."""
-    path = PurePosixPath(out)
-    return str(path.with_suffix(".png")) if "://" not in out else out.rsplit(".", 1)[0] + ".png"
+    return (out[: -len(".json")] if out.endswith(".json") else out) + ".png"
 
 
 def evaluate(

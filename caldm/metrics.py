@@ -8,7 +8,7 @@ which planes of a volume are compared:
   is where slice-to-slice inconsistency (the paper's "strip patterns") shows.
 
 Planes are taken at evenly spaced, deterministic indices (:func:`plane_indices`), put on the
-unit range (:func:`to_unit_range`), resized to a common size, and passed through a feature
+range [0, 1] (:func:`intensity_range`), resized to a common size, and passed through a feature
 extractor (:mod:`caldm.nn.nets.inception`); feature means and covariances are accumulated
 incrementally (:class:`FeatureStats`) and compared with :func:`frechet_distance`.
 """
@@ -159,16 +159,26 @@ def inter_planes(volume: np.ndarray, max_slices: int | None) -> np.ndarray:
     return np.moveaxis(volume[:, :, idx], 2, 0)
 
 
-def to_unit_range(volume: np.ndarray) -> np.ndarray:
-    """float32 intensities in [0, 1] by a fixed rule, never per-volume min-max.
+def intensity_range(volume: np.ndarray) -> tuple[float, float]:
+    """The intensities that map to 0 and 1, by the rule training uses.
 
-    Integer volumes are divided by their dtype's maximum (uint8: 255); float volumes are taken
-    to be in [0, 1] already (the dataset convention) and clipped. A fixed rule keeps brightness
-    differences between sets visible to the metrics.
+    As :func:`caldm.data.preprocess.to_unit_range` (which maps to [-1, 1] for the networks):
+    an integer volume uses its dtype's full range (uint8: 0..255), so brightness differences
+    between sets stay visible; a float volume has no fixed range (the pipeline writes [-1, 1],
+    other tools [0, 1]) and uses its own minimum and maximum.
     """
     if np.issubdtype(volume.dtype, np.integer):
-        return volume.astype(np.float32) / np.float32(np.iinfo(volume.dtype).max)
-    return np.clip(volume.astype(np.float32, copy=False), 0.0, 1.0)
+        info = np.iinfo(volume.dtype)
+        return float(info.min), float(info.max)
+    return float(np.min(volume)), float(np.max(volume))
+
+
+def to_zero_one(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """float32 ``(x - lo) / (hi - lo)`` clipped to [0, 1]; zeros when ``hi <= lo``."""
+    if hi <= lo:
+        return np.zeros(np.shape(x), np.float32)
+    y = (np.asarray(x, np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    return np.clip(y, 0.0, 1.0, out=y)
 
 
 def resize_planes(planes: np.ndarray, size: int) -> np.ndarray:
@@ -184,19 +194,21 @@ def total_variation(volume: np.ndarray) -> float:
 
     TV = (1 / (D H W)) * sum over voxels of |x[d+1,h,w]-x[d,h,w]| + |x[d,h+1,w]-x[d,h,w]|
     + |x[d,h,w+1]-x[d,h,w]| (forward differences; missing ones at the far borders count 0),
-    after :func:`to_unit_range`. Dividing by the voxel count makes sets of different shapes
-    comparable; the value lies in [0, 3]: about 0 for flat volumes, ~1 for uniform noise.
+    after mapping :func:`intensity_range` to [0, 1]. Dividing by the voxel count makes sets of
+    different shapes comparable; the value lies in [0, 3]: 0 for flat volumes, ~1 for uniform
+    noise, ~0.27 for the phantom dataset.
 
     The paper (Table 1) reports ~575-712 for 512^3 volumes without stating its normalisation
     or intensity scale, so the numbers are not comparable in magnitude, only in ordering
     (lower is cleaner).
     """
     volume = np.asarray(volume)
+    lo, hi = intensity_range(volume)
     total = 0.0
     # Slabs of slices (overlapping by one for the D differences) bound the float32 copies to a
     # few hundred MB for 512^3 volumes.
     for start in range(0, volume.shape[0], TV_SLAB):
-        x = torch.from_numpy(to_unit_range(volume[start : start + TV_SLAB + 1]))
+        x = torch.from_numpy(to_zero_one(volume[start : start + TV_SLAB + 1], lo, hi))
         total += float(torch.diff(x, dim=0).abs().sum(dtype=torch.float64))
         x = x[:TV_SLAB]  # the overlapping slice is counted with the next slab
         total += sum(float(torch.diff(x, dim=a).abs().sum(dtype=torch.float64)) for a in (1, 2))

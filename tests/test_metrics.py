@@ -105,10 +105,17 @@ def test_total_variation_definition_and_ordering() -> None:
     step[:, 5:, :] = 255  # one unit jump per A-scan along H
     assert metrics.total_variation(step) == pytest.approx(1 / 10)
     ramp = np.broadcast_to(np.linspace(0, 1, 70, dtype=np.float32)[:, None, None], (70, 4, 4))
-    assert metrics.total_variation(ramp) == pytest.approx(69 / 69 / 70, rel=1e-5)
+    assert metrics.total_variation(ramp) == pytest.approx(
+        1 / 70, rel=1e-5
+    )  # one unit rise per A-line
     phantom = metrics.total_variation(make_phantom(SHAPE, 0)[0])
     noise = metrics.total_variation(_noise(SHAPE, 0))
     assert 0.05 < phantom < 0.5 and noise == pytest.approx(1.0, abs=0.03)
+    # Float volumes use their own range (the pipeline writes [-1, 1]); uint8 the dtype's.
+    as_float = make_phantom(SHAPE, 0)[0].astype(np.float32) / 127.5 - 1
+    assert metrics.total_variation(as_float) == pytest.approx(
+        phantom * 255 / np.ptp(as_float * 127.5)
+    )
     assert metrics.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0}
 
 

@@ -45,14 +45,13 @@ def volume_planes(volume: np.ndarray, max_slices: int) -> dict[str, Any]:
 
     Returns ``{"tv": float, "intra": (k, S, S), "inter": (k, S, S)}`` (float32 planes).
     """
+    lo, hi = metrics.intensity_range(volume)
+    intra = metrics.intra_planes(volume, max_slices)
+    inter = metrics.inter_planes(volume, max_slices)
     return {
         "tv": metrics.total_variation(volume),
-        "intra": metrics.resize_planes(
-            metrics.to_unit_range(metrics.intra_planes(volume, max_slices)), INPUT_SIZE
-        ),
-        "inter": metrics.resize_planes(
-            metrics.to_unit_range(metrics.inter_planes(volume, max_slices)), INPUT_SIZE
-        ),
+        "intra": metrics.resize_planes(metrics.to_zero_one(intra, lo, hi), INPUT_SIZE),
+        "inter": metrics.resize_planes(metrics.to_zero_one(inter, lo, hi), INPUT_SIZE),
     }
 
 

@@ -145,6 +145,10 @@ def compute_report(
     """Run the Ray Data pipeline and return the report (see :func:`evaluate`)."""
     if max_slices_per_volume < 2:
         raise CaldmError(f"--max-slices-per-volume must be >= 2, got {max_slices_per_volume}")
+    if batch_size < 1 or (num_gpus is not None and num_gpus < 0):
+        raise CaldmError(
+            f"--batch-size must be >= 1 and --num-gpus >= 0 ({batch_size}, {num_gpus})"
+        )
     from caldm.nn.nets.inception import build_fid_inception
 
     roots = dict(zip(SETS, (real, synthetic)))

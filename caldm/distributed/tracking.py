@@ -71,7 +71,9 @@ def start_run(
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
         artifacts = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-        mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
+        # Another job may create it first; set_experiment below then finds theirs.
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name) as run:
         if params:

@@ -3,20 +3,20 @@
 Pipeline (one row per volume, then one row per plane):
 
 1. The driver lists ``<root>/images/`` of both sets (fails fast on a missing or empty root).
-2. Read tasks (one volume each) compute the volume's TV and cut its planes at deterministic
-   indices: ``max_slices_per_volume`` B-scans (intra) and as many planes across slices (inter),
-   each put on [0, 1] and resized to 299 x 299, the extractor's input size. That is the common
+2. Read tasks (one volume each; on CPU-only clusters Ray fuses them into the actors of step 3)
+   compute the volume's TV and cut its planes at deterministic indices: up to
+   ``max_slices_per_volume`` B-scans (intra) and as many planes across slices (inter), each
+   put on [0, 1] and resized to 299 x 299, the extractor's input size. That is the common
    size that lets sets of different volume shapes be compared, and it loses nothing: the FID
    Inception resizes to 299 bilinearly anyway.
 3. An actor pool (one GPU per actor when GPUs are used) turns planes into 2048-d features.
-4. The driver streams the features into per-(set, plane kind) mean/covariance accumulators, so
-   memory does not grow with the number of planes, and computes the Fréchet distances.
+4. The driver streams the features into per-(set, plane kind) mean/covariance accumulators
+   (bounded memory for any number of planes) and computes the Fréchet distances.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any
 
@@ -28,8 +28,6 @@ from caldm.nn.nets.inception import FEATURE_DIM, INPUT_SIZE
 
 SETS = ("real", "synthetic")
 PREVIEW_PER_SET = 2
-
-log = logging.getLogger(__name__)
 
 
 def list_volumes(root: str) -> list[tuple[str, str]]:

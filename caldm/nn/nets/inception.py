@@ -19,6 +19,7 @@ each other.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import PurePosixPath
 
@@ -32,6 +33,9 @@ FEATURE_DIM = 2048
 INPUT_SIZE = 299
 NUM_CLASSES = 1008  # the TF graph's 1001 ImageNet classes padded to 1008
 RANDOM_SEED = 0
+# pytorch-fid's file is pt_inception-2015-12-05-6726825d.pth; torch hub names files after the
+# first hex digits of their sha256.
+PUBLISHED_SHA256_PREFIX = "6726825d"
 RANDOM_EXTRACTOR = (
     f"inception-v3-fid random init (seed {RANDOM_SEED}, no pretrained weights); "
     "not comparable with published FID values"
@@ -228,29 +232,33 @@ def _random_init(model: FIDInceptionV3, seed: int) -> None:
         model.fc.bias.zero_()
 
 
-def load_state_dict_from_url(url: str) -> dict[str, Tensor]:
+def load_state_dict_from_url(url: str) -> tuple[dict[str, Tensor], str]:
     """Read a state dict from a local path or fsspec URL (``.safetensors`` or a torch file).
 
-    Torch files are read with ``weights_only=True``. Raises :class:`DataError` naming ``url``.
+    Returns the state dict and the file's sha256 (hex). Torch files are read with
+    ``weights_only=True``. Raises :class:`DataError` naming ``url``.
     """
     import fsspec
 
     try:
         with fsspec.open(url, "rb") as f:
             blob = f.read()
-    except (OSError, ValueError) as exc:
-        raise DataError(url, f"cannot read Inception weights ({exc})") from exc
+    except Exception as exc:  # local OSErrors, botocore/aiohttp errors for object stores
+        raise DataError(
+            url, f"cannot read Inception weights ({type(exc).__name__}: {exc})"
+        ) from None
     try:
         if PurePosixPath(url.split("?")[0]).suffix == ".safetensors":
             from safetensors.torch import load as load_safetensors
 
-            return load_safetensors(blob)
-        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            state = load_safetensors(blob)
+        else:
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign files raise many different types
-        raise DataError(url, f"not a readable state dict ({type(exc).__name__}: {exc})") from exc
+        raise DataError(url, f"not a readable state dict ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict):
         raise DataError(url, f"expected a state dict, found {type(state).__name__}")
-    return state
+    return state, hashlib.sha256(blob).hexdigest()
 
 
 def build_fid_inception(weights: str | None = None) -> tuple[FIDInceptionV3, str]:
@@ -258,19 +266,22 @@ def build_fid_inception(weights: str | None = None) -> tuple[FIDInceptionV3, str
 
     With ``weights`` (path or URL of the pytorch-fid ``pt_inception-2015-12-05`` file or any
     state dict of this architecture) they are loaded strictly; a mismatch raises
-    :class:`DataError`. Without, the default extractor :data:`RANDOM_EXTRACTOR` is built.
+    :class:`DataError`. The name gives the file's sha256 prefix and says whether it is the
+    published file. Without weights, the default extractor :data:`RANDOM_EXTRACTOR` is built.
     """
     model = FIDInceptionV3()
     if weights is None:
         _random_init(model, RANDOM_SEED)
         name = RANDOM_EXTRACTOR
     else:
-        state = load_state_dict_from_url(weights)
+        state, sha256 = load_state_dict_from_url(weights)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-            raise DataError(weights, f"not FID Inception-v3 weights: {first}") from exc
-        name = f"inception-v3-fid weights {PurePosixPath(weights).name}"
+            raise DataError(weights, f"not FID Inception-v3 weights: {first}") from None
+        name = f"inception-v3-fid weights {PurePosixPath(weights).name} (sha256 {sha256[:12]})"
+        if sha256.startswith(PUBLISHED_SHA256_PREFIX):
+            name += ": the published 2015-12-05 FID weights"
     model.requires_grad_(False)
     return model.eval(), name

@@ -255,7 +255,7 @@ def test_evaluate_bad_input_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_evaluate_job_end_to_end(
-    tmp_path: Path, ray_cluster: None, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, ray_cluster: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     real, synthetic = tmp_path / "real", tmp_path / "synthetic"

@@ -75,12 +75,17 @@ class PreparedLabels:
 
 
 def prepare_labels(
-    labels: np.ndarray, kind: str, cfg: Config, source: str = "labels"
+    labels: np.ndarray,
+    kind: str,
+    cfg: Config,
+    source: str = "labels",
+    num_classes: int | None = None,
 ) -> PreparedLabels:
     """Check a label map against the bundle's condition kind and reduce it for the encoders.
 
-    ``layers``: a (D, H, W) class map; ``vessels``: an en-face (D, W) artery/vein map. Any
-    size is accepted and resized (nearest) to the preset's image shape first. Errors are
+    ``layers``: a (D, H, W) class map with values below ``num_classes`` (default: the
+    config's ``layer_classes``); ``vessels``: an en-face (D, W) artery/vein map. Any size is
+    accepted and resized (nearest) to the preset's image shape first. Errors are
     :class:`DataError` naming ``source``.
     """
     labels = np.asarray(labels)
@@ -95,7 +100,7 @@ def prepare_labels(
         )
     if labels.dtype.kind not in "iub":
         raise DataError(source, f"label values must be integers, got {labels.dtype}")
-    classes = m.condition.layer_classes if kind == "layers" else 3
+    classes = (num_classes or m.condition.layer_classes) if kind == "layers" else 3
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
         raise DataError(
             source, f"{kind} label values must be in 0..{classes - 1}, got up to {labels.max()}"
@@ -177,6 +182,14 @@ class CALDMPipeline:
             halo=halo,
         )
 
+    def prepare_labels(self, labels: np.ndarray, source: str = "labels") -> PreparedLabels:
+        """:func:`prepare_labels` for this bundle's condition kind and class count."""
+        if self.condition is None:
+            raise CaldmError(f"{source}: labels given, but the bundle has no condition encoders")
+        encoder = self.modules.get("cond_diff3d") or self.modules.get("cond_refiner")
+        classes = getattr(encoder, "num_classes", None)
+        return prepare_labels(labels, self.condition, self.cfg, source, classes)
+
     # ------------------------------------------------------------------ sampling
 
     def sample(
@@ -205,9 +218,7 @@ class CALDMPipeline:
         refiner_sampler = refiner_sampler or s.refiner_sampler or sampler
         refiner_steps = refiner_steps or s.refiner_steps or steps
         if labels is not None and not isinstance(labels, PreparedLabels):
-            if self.condition is None:
-                raise CaldmError("labels given, but the bundle has no condition encoders")
-            labels = prepare_labels(labels, self.condition, self.cfg)
+            labels = self.prepare_labels(labels)
 
         on_meta = self.device.type == "meta"
         shape = self.cfg.model.image_shape
@@ -456,8 +467,7 @@ def sample_command(args: argparse.Namespace) -> int:
                 f"{args.labels}: bundle {args.bundle} is not label-guided "
                 "(it has no condition encoders); drop --labels or use a conditioned bundle"
             )
-        raw = read_label(args.labels, pipe.condition)
-        labels = prepare_labels(raw, pipe.condition, cfg, source=args.labels)
+        labels = pipe.prepare_labels(read_label(args.labels, pipe.condition), args.labels)
     shape = cfg.model.image_shape
     sink = NiftiSink(args.out, shape, phantom_affine(shape))
     began = time.perf_counter()

@@ -1,0 +1,295 @@
+"""Stage datasets: infinite, sharded torch ``IterableDataset`` streams over fsspec.
+
+One volume (or latent file) is read at a time, so no dataset is ever loaded into memory.
+Each epoch every rank draws the same permutation of the ids from ``(seed, epoch)`` and takes
+every ``world_size``-th id from ``rank`` on, so ranks read disjoint volumes and together cover
+all of them; DataLoader workers split a rank's share the same way. A visit to a volume yields
+``cfg.data.slices_per_volume`` items (random slices, windows or pairs), or one for the
+thumbnail and diff3d streams.
+
+Volumes are normalised with :func:`~caldm.data.preprocess.to_unit_range` and resized
+(trilinear) to ``cfg.model.image_shape`` when their shape differs. A volume that cannot be
+read is logged and skipped when ``cfg.data.skip_bad_volumes`` (and not retried in later
+epochs); otherwise its DataError propagates.
+
+| dataset | stage | item (float32 unless noted) |
+|---|---|---|
+| BScanDataset | ae2d | image (1, H, W) |
+| ThumbnailSliceDataset | nhae | thumbnail (1, Dt, Ht, Wt), slices (S, 1, H, W), index (S,) long |
+| SliceWindowDataset | adaptor | window (k, 1, H, W): slices i-k//2 .. i+k//2, edges replicated |
+| LatentDataset diff3d | diff3d | z (c, D', H', W') [+ label] |
+| LatentDataset refiner | refiner | z_sr (c, H', W'), z_hr (c, H', W') of one slice i [+ label] |
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+from torch.utils.data import IterableDataset, get_worker_info
+
+from caldm.config import Config
+from caldm.data.io import list_dir, read_bytes, read_label, read_volume, write_bytes
+from caldm.data.layout import DatasetLayout
+from caldm.data.preprocess import resize, thumbnail, to_unit_range
+from caldm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Item = dict[str, torch.Tensor]
+LATENT_SUFFIX = ".safetensors"
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class _ShardedStream(IterableDataset):
+    """Infinite per-epoch-shuffled iteration over ``ids``, sharded by rank and loader worker.
+
+    Subclasses implement ``_load(id)`` (may raise DataError) and ``_items(sample, rng)``.
+    """
+
+    def __init__(
+        self, root: str, ids: list[str], cfg: Config, rank: int, world_size: int, seed: int
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        if len(ids) < world_size:
+            raise DataError(root, f"{len(ids)} volumes cannot be sharded over {world_size} ranks")
+        self.root = root
+        self.ids = ids
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+
+    def shard_ids(self, epoch: int) -> list[str]:
+        """The ids this rank reads in ``epoch``, in reading order."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+        return [self.ids[i] for i in perm[self.rank :: self.world_size]]
+
+    def _load(self, sample_id: str) -> Any:
+        raise NotImplementedError
+
+    def _items(self, sample: Any, rng: np.random.Generator) -> Iterator[Item]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Item]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        bad: set[str] = set()
+        epoch = 0
+        while True:
+            ids = [i for i in self.shard_ids(epoch)[worker::workers] if i not in bad]
+            if not ids:
+                if bad:
+                    raise DataError(self.root, f"every volume of this shard is bad ({len(bad)})")
+                return  # more loader workers than volumes: this worker has nothing to read
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+            for sample_id in ids:
+                try:
+                    sample = self._load(sample_id)
+                except DataError as exc:
+                    if not self.cfg.data.skip_bad_volumes:
+                        raise
+                    log.warning("skipping bad volume %s: %s", sample_id, exc)
+                    bad.add(sample_id)
+                    continue
+                yield from self._items(sample, rng)
+            epoch += 1
+
+
+class _VolumeStream(_ShardedStream):
+    """Streams image volumes of a dataset, normalised and resized to the preset's shape."""
+
+    def __init__(
+        self, root: str, cfg: Config, rank: int = 0, world_size: int = 1, seed: int = 0
+    ) -> None:
+        self.layout = DatasetLayout(root)
+        super().__init__(root, self.layout.ids(), cfg, rank, world_size, seed)
+
+    def _load(self, sample_id: str) -> np.ndarray:
+        volume, _ = read_volume(self.layout.image_url(sample_id))
+        return resize(to_unit_range(volume), self.cfg.model.image_shape, order="linear")
+
+    def _slice_indices(self, rng: np.random.Generator, depth: int) -> np.ndarray:
+        n = self.cfg.data.slices_per_volume
+        return rng.choice(depth, size=n, replace=n > depth)
+
+
+class BScanDataset(_VolumeStream):
+    """ae2d: random B-scans, ``{"image": (1, H, W)}``."""
+
+    def _items(self, volume: np.ndarray, rng: np.random.Generator) -> Iterator[Item]:
+        for i in self._slice_indices(rng, volume.shape[0]):
+            yield {"image": _tensor(volume[i][None])}
+
+
+class ThumbnailSliceDataset(_VolumeStream):
+    """nhae: the thumbnail with S random full-resolution slices and their indices."""
+
+    def _items(self, volume: np.ndarray, rng: np.random.Generator) -> Iterator[Item]:
+        index = np.sort(self._slice_indices(rng, volume.shape[0]))
+        yield {
+            "thumbnail": _tensor(thumbnail(volume, self.cfg.model.thumbnail_shape)[None]),
+            "slices": _tensor(volume[index][:, None]),
+            "index": _tensor(index.astype(np.int64)),
+        }
+
+
+class SliceWindowDataset(_VolumeStream):
+    """adaptor: k consecutive slices centred on a random slice, ``{"window": (k, 1, H, W)}``."""
+
+    def _items(self, volume: np.ndarray, rng: np.random.Generator) -> Iterator[Item]:
+        k = self.cfg.model.k
+        offsets = np.arange(k) - k // 2
+        for centre in self._slice_indices(rng, volume.shape[0]):
+            index = np.clip(centre + offsets, 0, volume.shape[0] - 1)  # replicate the edges
+            yield {"window": _tensor(volume[index][:, None])}
+
+
+# ------------------------------------------------------------------------- latent cache
+
+
+def latent_url(latents_root: str, sample_id: str) -> str:
+    """Where the encode job caches a volume's latents."""
+    return f"{latents_root.rstrip('/')}/{sample_id}{LATENT_SUFFIX}"
+
+
+def write_latents(url: str, z: Any, z_sr: Any, z_hr: Any) -> None:
+    """Cache one volume's latents (numpy or torch) as float32 safetensors, atomically.
+
+    ``z``: (c, D', H', W'); ``z_sr`` and ``z_hr``: (c, D, H', W').
+    """
+
+    def f32(x: Any) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().float().cpu().numpy()
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    write_bytes(url, save_safetensors({"z": f32(z), "z_sr": f32(z_sr), "z_hr": f32(z_hr)}))
+
+
+def write_latent_source(latents_root: str, data: str, **info: Any) -> None:
+    """Write ``<latents_root>/source.json``: the dataset the latents were encoded from."""
+    text = json.dumps({"data": data, **info}, indent=2, sort_keys=True)
+    write_bytes(f"{latents_root.rstrip('/')}/source.json", text.encode("utf-8"))
+
+
+def read_latent_source(latents_root: str) -> dict[str, Any]:
+    """The contents of ``<latents_root>/source.json``."""
+    url = f"{latents_root.rstrip('/')}/source.json"
+    try:
+        source = json.loads(read_bytes(url))
+    except json.JSONDecodeError as exc:
+        raise DataError(url, f"not JSON ({exc.msg})") from None
+    if not isinstance(source, dict) or not isinstance(source.get("data"), str):
+        raise DataError(url, 'expected {"data": "<dataset URL>", ...}')
+    return source
+
+
+class LatentDataset(_ShardedStream):
+    """diff3d / refiner: cached latents, optionally with a layer or vessel label.
+
+    Latents are ``<latents_root>/<id>.safetensors`` holding ``z``, ``z_sr`` and ``z_hr``.
+    Labels come from ``data_root`` (default: ``"data"`` in ``<latents_root>/source.json``) and
+    are resized (nearest) to ``cfg.model.image_shape``: layers are int64 (D, H, W) for diff3d
+    and slice i (H, W) for the refiner; vessels are (D, W) and row i (W,).
+    """
+
+    def __init__(
+        self,
+        latents_root: str,
+        cfg: Config,
+        kind: Literal["diff3d", "refiner"],
+        condition: Literal["layers", "vessels"] | None = None,
+        data_root: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if kind not in ("diff3d", "refiner"):
+            raise ValueError(f"unknown latent dataset kind {kind!r}")
+        if condition not in (None, "layers", "vessels"):
+            raise ValueError(f"unknown condition {condition!r}")
+        latents_root = latents_root.rstrip("/")
+        ids = sorted(
+            n[: -len(LATENT_SUFFIX)] for n in list_dir(latents_root) if n.endswith(LATENT_SUFFIX)
+        )
+        if not ids:
+            raise DataError(
+                latents_root, "no latent cache (<id>.safetensors); run jobs/encode_latents.py"
+            )
+        self.kind = kind
+        self.condition = condition
+        self.layout: DatasetLayout | None = None
+        if condition is not None:
+            self.layout = DatasetLayout(data_root or read_latent_source(latents_root)["data"])
+            have = set(self.layout.label_ids(condition))
+            missing = [i for i in ids if i not in have]
+            if missing:
+                url = self.layout.label_url(condition, missing[0])
+                raise DataError(url, f"missing {condition} label ({len(missing)} missing in all)")
+        super().__init__(latents_root, ids, cfg, rank, world_size, seed)
+
+    def _load(self, sample_id: str) -> dict[str, np.ndarray]:
+        url = latent_url(self.root, sample_id)
+        try:
+            tensors = load_safetensors(read_bytes(url))
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(url, f"not a readable safetensors file ({exc})") from None
+        model = self.cfg.model
+        want = {"z": model.latent_shape, "z_sr": model.z_sr_shape, "z_hr": model.z_sr_shape}
+        for key, shape in want.items():
+            if key not in tensors:
+                raise DataError(url, f"no tensor {key!r}")
+            if tuple(tensors[key].shape) != tuple(shape):
+                raise DataError(url, f"{key} has shape {tensors[key].shape}, expected {shape}")
+            if not np.isfinite(tensors[key]).all():
+                raise DataError(url, f"{key} contains NaN or Inf values")
+        if self.condition is not None and self.layout is not None:
+            d, h, w = model.image_shape
+            label = read_label(self.layout.label_url(self.condition, sample_id), self.condition)
+            shape = (d, h, w) if self.condition == "layers" else (d, w)
+            tensors["label"] = resize(label, shape, order="nearest").astype(np.int64)
+        return tensors
+
+    def _items(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> Iterator[Item]:
+        if self.kind == "diff3d":
+            item = {"z": _tensor(sample["z"].astype(np.float32))}
+            if "label" in sample:
+                item["label"] = _tensor(sample["label"])
+            yield item
+            return
+        depth = sample["z_sr"].shape[1]
+        n = self.cfg.data.slices_per_volume
+        for i in rng.choice(depth, size=n, replace=n > depth):
+            item = {
+                "z_sr": _tensor(sample["z_sr"][:, i].astype(np.float32)),
+                "z_hr": _tensor(sample["z_hr"][:, i].astype(np.float32)),
+            }
+            if "label" in sample:
+                item["label"] = _tensor(sample["label"][i])
+            yield item
+
+
+def num_layer_classes(root: str, max_files: int = 3) -> int:
+    """Layer classes of a dataset: from its manifest, else max label + 1 over a few files."""
+    layout = DatasetLayout(root)
+    counts = [r["layer_classes"] for r in layout.read_manifest() if "layer_classes" in r]
+    if counts:
+        return int(max(counts))
+    ids = layout.label_ids("layers")
+    if not ids:
+        raise DataError(root, "no layer labels (labels/layers/) to count the classes from")
+    labels = (read_label(layout.label_url("layers", i), "layers") for i in ids[:max_files])
+    return max(int(label.max()) for label in labels) + 1

@@ -1,0 +1,65 @@
+"""Shared pytest fixtures.
+
+S3 tests talk to a real S3 API: a moto server on 127.0.0.1 reached through AWS_ENDPOINT_URL,
+exactly as production code reaches any S3-compatible store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never wait on the instance metadata service
+}
+
+
+def _clear_s3fs_cache() -> None:
+    # s3fs caches filesystem instances (and their endpoint/credentials) across calls.
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1; yields its endpoint URL, set as AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in [*_AWS_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(_AWS_ENV, AWS_ENDPOINT_URL=endpoint)
+    _clear_s3fs_cache()
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _clear_s3fs_cache()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> Iterator[str]:
+    """A fresh, empty bucket on the moto server; yields ``s3://<name>``."""
+    import s3fs
+
+    _clear_s3fs_cache()
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(name)
+    yield f"s3://{name}"
+    _clear_s3fs_cache()

@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -636,6 +637,15 @@ def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_ENV_PREFIXES)}
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The last ``SomeError: message`` line of a (Ray-wrapped) worker traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Failed)\b.*:", line):
+            return line
+    return lines[-1] if lines else type(exc).__name__
+
+
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (``ray job submit``), else start a local Ray."""
     import ray
@@ -674,11 +684,10 @@ def train(req: TrainRequest) -> dict[str, Any]:
     )
     try:
         result = trainer.fit()
-    except Exception as exc:  # ray.train.TrainingFailedError wraps the worker's exception
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    except Exception as exc:  # Ray wraps the workers' exceptions: name the root cause
         raise TrainingFailed(
-            f"{p.out}: stage {p.stage} failed ({first}); rerun the same command to resume "
-            "from the newest checkpoint"
+            f"{p.out}: stage {p.stage} failed ({_root_cause(exc)}); rerun the same command "
+            "to resume from the newest checkpoint"
         ) from exc
     ckpt = result.checkpoint.path
     summary = {

@@ -261,6 +261,7 @@ def test_bad_inputs_fail_before_any_worker(tmp_path: Path, capsys) -> None:
     empty = tmp_path / "empty_latents"
     empty.mkdir()
     base = ["--preset", "tiny", "--data", str(data)]
+    capsys.readouterr()
     cases = {
         "lacks dec2d": ["--stage", "adaptor", *base, "--out", tmp_path / "a", "--bundle",
                         no_dec2d],
@@ -352,7 +353,11 @@ def test_ray_job_submit_to_a_head_with_s3_storage(ray_head, s3_bucket: str, tmp_
     cmd = [ray, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            sys.executable, "jobs/train_stage.py", "--stage", "ae2d", *TINY,
            "--data", str(data), "--out", out]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    for _ in range(20):  # the head's job agent comes up a few seconds after its dashboard
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+        if "No available agent" not in done.stderr:
+            break
+        time.sleep(3)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     fs = s3fs.S3FileSystem()
     summary = json.loads(fs.cat(f"{out}/summary.json"))

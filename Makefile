@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check caldm jobs tuning tests benchmarks
+	$(PY) -m ruff check .
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q tests

@@ -249,9 +249,7 @@ def test_phantom_anatomy():
     assert ((steps >= 0) | (steps == -8)).all()
     # Distinct reflectivity: class means differ pairwise by a clear margin.
     no_vessel = ~vessels.astype(bool)[:, None, :]
-    means = np.array(
-        [image[(layers == c) & no_vessel].mean() for c in classes], dtype=np.float64
-    )
+    means = np.array([image[(layers == c) & no_vessel].mean() for c in classes], dtype=np.float64)
     gaps = np.abs(means[:, None] - means[None, :])[~np.eye(len(means), dtype=bool)]
     assert gaps.min() > 8, means
     # Foveal pit: the retina (ILM to BM) is thinnest near the centre of the en-face plane.

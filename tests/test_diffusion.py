@@ -42,7 +42,7 @@ def ode_solution(schedule: NoiseSchedule, x_T: torch.Tensor, t_T: int) -> torch.
 def test_sampler_follows_the_ode(name: str, steps: int, prediction: str, tol: float) -> None:
     schedule = NoiseSchedule.from_config(DiffusionConfig(prediction_type=prediction))
     sampler = make_sampler(name, schedule)
-    x_T = torch.randn(20_000, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(4_000, generator=torch.Generator().manual_seed(0))
     t_T = int(sampler.timesteps(steps)[0])
     x0 = sample_loop(exact_model(schedule), sampler, x_T, steps)
     err = (x0 - ode_solution(schedule, x_T, t_T)).abs().mean().item()
@@ -51,7 +51,7 @@ def test_sampler_follows_the_ode(name: str, steps: int, prediction: str, tol: fl
 
 def test_more_steps_less_error_and_dpm_beats_ddim_at_few_steps() -> None:
     schedule = NoiseSchedule.from_config(DiffusionConfig())
-    x_T = torch.randn(20_000, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(4_000, generator=torch.Generator().manual_seed(0))
 
     def err(name: str, steps: int) -> float:
         sampler = make_sampler(name, schedule)
@@ -67,7 +67,7 @@ def test_wrong_update_is_caught() -> None:
     """The ODE test has teeth: a sampler stepping on a mismatched schedule misses by far."""
     schedule = NoiseSchedule.from_config(DiffusionConfig())
     wrong = make_sampler("ddim", NoiseSchedule.from_config(DiffusionConfig(beta_end=0.012)))
-    x_T = torch.randn(20_000, generator=torch.Generator().manual_seed(0))
+    x_T = torch.randn(4_000, generator=torch.Generator().manual_seed(0))
     x0 = sample_loop(exact_model(schedule), wrong, x_T, 200)
     assert (x0 - ode_solution(schedule, x_T, 995)).abs().mean().item() > 0.05
 
@@ -77,7 +77,7 @@ def test_ddim_eta_one_is_stochastic_and_still_correct() -> None:
     sampler = make_sampler("ddim", schedule, eta=1.0)
     g = torch.Generator().manual_seed(1)
     x0 = sample_loop(
-        exact_model(schedule), sampler, torch.randn(40_000, generator=g), 100, generator=g
+        exact_model(schedule), sampler, torch.randn(8_000, generator=g), 100, generator=g
     )
     assert abs(x0.mean().item() - MU) < 0.03 and abs(x0.std().item() - STD) < 0.03
 
@@ -105,11 +105,13 @@ def test_linear_schedule_matches_paper() -> None:
 
 def test_diffusion_loss_is_zero_for_exact_model_on_point_mass() -> None:
     schedule = NoiseSchedule.from_config(DiffusionConfig())
-    x0 = torch.full((8, 2), 0.3)
+    x0 = torch.full((64, 16), 0.3)
+    g = torch.Generator().manual_seed(0)
 
     def oracle(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = schedule.abar(t, x_t)
         return (x_t - a.sqrt() * 0.3) / (1 - a).sqrt()
 
-    assert diffusion_loss(oracle, schedule, x0).item() < 1e-8
-    assert diffusion_loss(lambda x, t: torch.zeros_like(x), schedule, x0).item() > 0.5
+    assert diffusion_loss(oracle, schedule, x0, generator=g).item() < 1e-8
+    zero = diffusion_loss(lambda x, t: torch.zeros_like(x), schedule, x0, generator=g)
+    assert zero.item() > 0.8  # the noise itself: E[eps^2] = 1

@@ -149,7 +149,9 @@ def _decode_nifti(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
         array = np.asanyarray(img.dataobj)
     except Exception as exc:
         raise DataError(url, f"truncated or corrupt voxel data ({_first_line(exc)})") from None
-    return np.ascontiguousarray(array), np.asarray(img.affine, dtype=np.float64)
+    # No copy to C order: NIfTI is Fortran-ordered on disk and transposing a 512^3 volume
+    # costs seconds; numpy and torch.from_numpy handle the strides.
+    return array, np.asarray(img.affine, dtype=np.float64)
 
 
 def _check_values(url: str, array: np.ndarray) -> None:
@@ -166,6 +168,8 @@ def _drop_trailing_singletons(array: np.ndarray, ndim: int) -> np.ndarray:
 def read_volume(url: str) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI volume: (array D x H x W in its stored dtype, 4x4 affine).
 
+    The array is usually Fortran-ordered (NIfTI's on-disk order, no copy); call
+    ``np.ascontiguousarray`` where C order matters.
     A trailing singleton dimension (D x H x W x 1) is dropped. Raises DataError naming ``url``
     for a missing, corrupt or truncated file, another number of dimensions, or NaN/Inf.
     """

@@ -47,9 +47,7 @@ def _wobble(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, amp: float) 
     return amp * out / 3
 
 
-def _surfaces(
-    rng: np.random.Generator, d: int, w: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _surfaces(rng: np.random.Generator, d: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """Boundary heights (fractions of H) of shape (9, D, W), top (ILM) first; and r^2 map."""
     u = (np.arange(d) + 0.5)[:, None] / d - 0.5  # en-face coordinates in [-0.5, 0.5]
     v = (np.arange(w) + 0.5)[None, :] / w - 0.5

@@ -1,0 +1,127 @@
+"""Peak memory of each training stage and of sampling, counted on the meta device.
+
+A training step is counted for one worker with the preset's default settings (precision,
+activation checkpointing, micro-batch): the real stage step of :mod:`caldm.stages` runs forward
+and backward (and the discriminator's step in GAN stages) under :class:`PeakMemory`, on top of a
+static part that exists for the whole run:
+
+- weights of every module the stage holds (trained, frozen, discriminator), in the run dtype;
+- optimizer state for the trained ones: AdamW moments in fp32 (8 B/param), plus, in bf16 runs,
+  DeepSpeed's fp32 master weights and fp32 gradient partition (8 B/param);
+- DeepSpeed's gradient reduce bucket (``REDUCE_BUCKET`` elements in the run dtype) and, for
+  the diffusion stages, an fp32 EMA copy of the trained weights.
+
+Sampling runs the streaming pipeline itself on the meta device with one denoising step per
+diffusion process (peak memory does not depend on the step count).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from caldm.bench.meta import PeakMemory, module_bytes
+from caldm.config import STAGES as STAGE_NAMES
+from caldm.config import Config, preset
+from caldm.diffusion.schedule import NoiseSchedule
+from caldm.nn.factory import build
+from caldm.nn.losses import HybridLoss
+from caldm.stages import STAGES, StepContext, discriminator_loss, example_batch
+
+REDUCE_BUCKET = 50_000_000  # elements; DeepSpeed's reduce/allgather bucket size we configure
+GIB = 2**30
+
+
+def run_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+def stage_peak_bytes(stage: str, cfg: Config, condition: str | None = None) -> dict[str, int]:
+    """Peak bytes of one training step of ``stage`` on one worker, with its parts."""
+    spec = STAGES[stage]
+    dtype = run_dtype(cfg)
+    trained = spec.trainable(condition)
+    with torch.device("meta"):
+        mods = {
+            name: build(name, cfg, condition=condition if name in trained else None)
+            for name in (*trained, *spec.frozen)
+        }
+        if spec.gan:
+            mods["disc"] = build("disc", cfg)
+    for name, module in mods.items():
+        module.to(dtype)
+        module.requires_grad_(name in trained or name == "disc")
+        if cfg.train.activation_checkpointing and hasattr(module, "checkpoint_activations"):
+            module.checkpoint_activations()
+    n_train = sum(
+        p.numel() for n, m in mods.items() if n in trained or n == "disc" for p in m.parameters()
+    )
+    weights = module_bytes(*mods.values())
+    optimizer = n_train * (16 if dtype == torch.bfloat16 else 8)
+    buckets = min(REDUCE_BUCKET, n_train) * dtype.itemsize  # grads gathered for reduction
+    ema = 4 * sum(p.numel() for n in trained for p in mods[n].parameters()) if spec.diffusion else 0
+    static = weights + optimizer + buckets + ema
+
+    ctx = StepContext(
+        cfg,
+        step=cfg.model.loss.adv_start_step,  # the discriminator is active: the worst case
+        hybrid=HybridLoss(cfg.model.loss.model_copy(update={"perceptual_weights_path": None})),
+        schedule=NoiseSchedule.from_config(cfg.diffusion),
+        condition=condition,
+    )
+    batch = example_batch(stage, cfg, device="meta", dtype=dtype, condition=condition)
+    with PeakMemory(static) as pm:
+        out = spec.step(mods, batch, ctx)
+        out.losses["loss"].backward()
+        if spec.gan:
+            del out.losses
+            discriminator_loss(mods["disc"], out).backward()
+    return {
+        "peak": pm.peak,
+        "weights": weights,
+        "optimizer": optimizer,
+        "buckets": buckets,
+        "ema": ema,
+        "activations": pm.peak - static,
+    }
+
+
+def sampling_peak_bytes(cfg: Config) -> int:
+    """Peak bytes of streaming sampling (one volume), from the pipeline run on meta."""
+    from caldm.pipeline import account_sampling
+
+    return account_sampling(cfg)
+
+
+def memory_report(preset_name: str) -> dict[str, Any]:
+    """``{"train": {stage: bytes}, "sample": bytes, "details": {...}}`` for a preset."""
+    cfg = preset(preset_name)
+    details = {stage: stage_peak_bytes(stage, cfg) for stage in STAGE_NAMES}
+    return {
+        "train": {stage: d["peak"] for stage, d in details.items()},
+        "sample": sampling_peak_bytes(cfg),
+        "details": details,
+        "settings": {
+            "precision": cfg.train.precision,
+            "activation_checkpointing": cfg.train.activation_checkpointing,
+            "micro_batch": cfg.train.micro_batch,
+            "slices_per_volume": cfg.data.slices_per_volume,
+        },
+    }
+
+
+def print_memory_report(preset_name: str, report: dict[str, Any]) -> None:
+    s = report["settings"]
+    print(
+        f"preset {preset_name}: one worker, {s['precision']}, activation checkpointing "
+        f"{'on' if s['activation_checkpointing'] else 'off'}, micro-batch {s['micro_batch']}"
+    )
+    head = ("stage", "peak GiB", "weights", "optimizer", "buckets", "ema", "activations")
+    print("  " + "".join(f"{h:>12}" for h in head))
+    for stage, d in report["details"].items():
+        row = [
+            d[k] / GIB for k in ("peak", "weights", "optimizer", "buckets", "ema", "activations")
+        ]
+        print(f"  {stage:>12}" + "".join(f"{v:>12.2f}" for v in row))
+    print(f"  {'sample':>12}{report['sample'] / GIB:>12.2f}")

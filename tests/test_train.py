@@ -305,11 +305,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _node_ip() -> str:
+    import ray._private.services
+
+    return ray._private.services.get_node_ip_address()
+
+
 @pytest.fixture
 def ray_head(tmp_path: Path, s3_server: str):
     """``ray start --head`` in its own process group; killed by that group (never ``ray stop``,
     which would also stop every other Ray on the machine)."""
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, client = (_free_port() for _ in range(4))
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
@@ -322,18 +328,21 @@ def ray_head(tmp_path: Path, s3_server: str):
     temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
     cmd = [ray, "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
            "--dashboard-port", str(dash), "--include-dashboard", "true",
+           # free ports for what otherwise has fixed defaults another Ray may hold already
+           "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client),
            "--temp-dir", temp]  # fmt: skip
     log = open(tmp_path / "head.log", "w")  # noqa: SIM115
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(1)
+        deadline = time.time() + 120
+        for host, wait_port in (("127.0.0.1", dash), (_node_ip(), agent)):  # jobs need both
+            while time.time() < deadline:
+                try:
+                    socket.create_connection((host, wait_port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(1)
         yield f"http://127.0.0.1:{dash}", env
     finally:
         os.killpg(head.pid, signal.SIGKILL)  # the head's process group: only what it started
@@ -353,11 +362,7 @@ def test_ray_job_submit_to_a_head_with_s3_storage(ray_head, s3_bucket: str, tmp_
     cmd = [ray, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            sys.executable, "jobs/train_stage.py", "--stage", "ae2d", *TINY,
            "--data", str(data), "--out", out]  # fmt: skip
-    for _ in range(20):  # the head's job agent comes up a few seconds after its dashboard
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
-        if "No available agent" not in done.stderr:
-            break
-        time.sleep(3)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     fs = s3fs.S3FileSystem()
     summary = json.loads(fs.cat(f"{out}/summary.json"))

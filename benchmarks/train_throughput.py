@@ -93,7 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per stage")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1, as a Ray worker with one CPU: OMP_NUM_THREADS=1; more "
+        "threads than free cores slows a CPU step down by an order of magnitude)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     import logging
 

@@ -361,14 +361,15 @@ class StageTrainer:
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.zero3 = self.cfg.train.zero_stage == 3
         trainable, frozen = build_stage_modules(p)
+        # EMA (diffusion stages): a float32 copy taken before ZeRO-3 could partition the
+        # weights, and before checkpointing wraps forward methods (the copy would share them).
+        self.ema = copy.deepcopy(trainable).float().to(device) if self.spec.diffusion else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
         if self.cfg.train.activation_checkpointing:
             for module in [*trainable.values(), *frozen.values()]:
                 if hasattr(module, "checkpoint_activations"):
                     module.checkpoint_activations()
-        # EMA (diffusion stages): a float32 copy taken before ZeRO-3 could partition the weights.
-        self.ema = copy.deepcopy(trainable).float().to(device) if self.spec.diffusion else None
-        if self.ema is not None:
-            self.ema.requires_grad_(False)
         self.model = StageModel(self.spec, trainable)
         self.engine = self._engine(self.model, self.cfg.train.lr, (0.9, 0.999), deepspeed)
         self.model.others = {k: m.to(device, self.dtype) for k, m in frozen.items()}

@@ -4,13 +4,14 @@ For each preset (tiny and small on the CPU; the paper preset too when CUDA is av
 random bundle is sampled with the streaming pipeline. Measured in this run, medians of
 ``--repeats``:
 
-- decoding: the same refined latents through DecM in ``exact`` (Eq. 1) and ``chunked`` mode,
-  timed whole; their difference (max / mean absolute uint8 difference, PSNR);
-- denoising: a full volume with ``--probe`` denoising steps per process; the time spent in
-  Diff3D and Diff_slice calls (forward hooks) per step, scaled linearly to the step counts
-  compared (every step costs the same; the samplers' own arithmetic is negligible);
-- FLOPs (``torch.utils.flop_counter``): of sampling with 1 and 2 steps (giving the cost per
-  step and the fixed part) and of each decoding mode;
+- decoding: the same latents through DecM in ``exact`` (Eq. 1) and ``chunked`` mode, on a
+  section of ``--decode-slices`` slices (streaming makes decoding cost linear in D; scaled to
+  the volume), and their difference (max / mean absolute uint8 difference, PSNR);
+- denoising: the latent stage (Diff3D + f_sr) and the refinement of one slice batch, each
+  with ``--probe`` steps, scaled linearly to the step counts compared (every step costs the
+  same) and to the volume's number of slice batches;
+- FLOPs (``torch.utils.flop_counter``): of the same pieces with 1 and 2 steps (giving the
+  cost per step and the fixed part) and of each decoding mode;
 - a dense matmul on the same device, the yardstick for achieved FLOP/s.
 
 Per volume = denoising scaled to the step count + the decoding mode's time. Random weights
@@ -61,26 +62,6 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     return statistics.median(times)
 
 
-class ModuleTimer:
-    """Wall seconds spent inside the forward calls of some modules (forward hooks)."""
-
-    def __init__(self, modules: list[torch.nn.Module], device: torch.device) -> None:
-        self.device = device
-        self.seconds = 0.0
-        self._began = 0.0
-        for m in modules:
-            m.register_forward_pre_hook(self._pre)
-            m.register_forward_hook(self._post)
-
-    def _pre(self, *_: object) -> None:
-        _sync(self.device)
-        self._began = time.perf_counter()
-
-    def _post(self, *_: object) -> None:
-        _sync(self.device)
-        self.seconds += time.perf_counter() - self._began
-
-
 def flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -123,29 +104,32 @@ def decode_all(pipe: CALDMPipeline, z: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.cat([parts[k] for k in sorted(parts)])
 
 
-def bench_preset(name: str, device: torch.device, repeats: int, probe: int) -> dict:
+def bench_preset(
+    name: str, device: torch.device, repeats: int, probe: int, decode_slices: int
+) -> dict:
     cfg = preset(name)
     with tempfile.TemporaryDirectory() as tmp:
         init_bundle(name, tmp, cfg=cfg)
         pipe = CALDMPipeline.from_bundle(tmp, device=device, offload=False)
-    pipe.modules = {n: m.to(device) for n, m in pipe.modules.items()}
     gen = torch.Generator().manual_seed(0)
     c, d = cfg.model.latent_channels, cfg.model.image_shape[0]
-    z = torch.randn(d, c, *cfg.model.slice_latent_shape[1:], generator=gen).to(device)
+    n = min(decode_slices, d)
+    section = d / n  # decoding cost is linear in the slices
+    z = torch.randn(n, c, *cfg.model.slice_latent_shape[1:], generator=gen).to(device)
 
     decode = {}
     images = {}
     for mode in ("exact", "chunked"):
         images[mode] = from_unit_range(decode_all(pipe, z, mode))
         decode[mode] = {
-            "seconds": timed(lambda m=mode: decode_all(pipe, z, m), device, repeats),
-            "flops": flops(lambda m=mode: decode_all(pipe, z, m)),
+            "seconds": section * timed(lambda m=mode: decode_all(pipe, z, m), device, repeats),
+            "flops": int(section * flops(lambda m=mode: decode_all(pipe, z, m))),
         }
     difference = compare(images["exact"], images["chunked"])
     # Real latents vary smoothly across slices (f_sr upsamples D/8 slices); i.i.d. ones do not.
-    coarse = torch.randn(c, d // 8, *cfg.model.slice_latent_shape[1:], generator=gen)
+    coarse = torch.randn(c, max(1, n // 8), *cfg.model.slice_latent_shape[1:], generator=gen)
     smooth = torch.nn.functional.interpolate(
-        coarse[None], size=(d, *coarse.shape[2:]), mode="trilinear"
+        coarse[None], size=(n, *coarse.shape[2:]), mode="trilinear"
     )[0].movedim(1, 0)
     smooth = smooth.to(device)
     smooth_exact = from_unit_range(decode_all(pipe, smooth, "exact"))
@@ -159,23 +143,38 @@ def bench_preset(name: str, device: torch.device, repeats: int, probe: int) -> d
         }
     pipe.halo = default_halo
 
-    def run(sampler: str, steps: int, mode: str = "chunked") -> None:
-        pipe.sample(0, sampler=sampler, steps=steps, decode=mode, output="float")
+    s = cfg.sampling
+    batches = -(-d // s.slice_batch)
+    z_sr = torch.randn(c, d, *cfg.model.slice_latent_shape[1:], generator=gen).to(device)
 
-    per_step_flops = flops(lambda: run("ddim", 2)) - flops(lambda: run("ddim", 1))
-    fixed_flops = flops(lambda: run("ddim", 1)) - per_step_flops - decode["chunked"]["flops"]
-    timer = ModuleTimer([pipe.modules["diff3d"], pipe.modules["refiner"]], device)
+    def latent(sampler: str, steps: int) -> None:
+        with torch.inference_mode(), pipe._autocast():
+            pipe.sample_latents(0, None, sampler, steps)
+
+    def refine(sampler: str, steps: int) -> None:
+        """One slice batch; a volume has ``batches`` of them."""
+        with torch.inference_mode(), pipe._autocast():
+            pipe.refine(z_sr, 0, min(s.slice_batch, d), 0, None, sampler, steps)
+
+    def step_flops(fn: Callable[[str, int], None]) -> tuple[int, int]:
+        """(FLOPs of the first step with the fixed part, FLOPs of each further step)."""
+        one, two = flops(lambda: fn("ddim", 1)), flops(lambda: fn("ddim", 2))
+        return one, two - one
+
+    lat_one, lat_step = step_flops(latent)
+    ref_one, ref_step = step_flops(refine)
     volumes = []
     for sampler, steps in SAMPLERS:
-        per_step = []
-        for _ in range(repeats):
-            timer.seconds = 0.0
-            run(sampler, probe)
-            per_step.append(timer.seconds / probe)
-        denoise_per_step = statistics.median(per_step)
+        lat_s = timed(lambda sm=sampler: latent(sm, probe), device, repeats) / probe
+        ref_s = timed(lambda sm=sampler: refine(sm, probe), device, repeats) / probe
         for mode in ("exact", "chunked"):
-            seconds = denoise_per_step * steps + decode[mode]["seconds"]
-            total = fixed_flops + per_step_flops * steps + decode[mode]["flops"]
+            seconds = (lat_s + ref_s * batches) * steps + decode[mode]["seconds"]
+            total = (
+                lat_one
+                + lat_step * (steps - 1)
+                + (ref_one + ref_step * (steps - 1)) * batches
+                + decode[mode]["flops"]
+            )
             volumes.append(
                 {
                     "sampler": sampler,
@@ -188,10 +187,11 @@ def bench_preset(name: str, device: torch.device, repeats: int, probe: int) -> d
     return {
         "preset": name,
         "image_shape": list(cfg.model.image_shape),
-        "slice_batch": cfg.sampling.slice_batch,
-        "decode_chunk": cfg.sampling.decode_chunk,
+        "slice_batch": s.slice_batch,
+        "decode_chunk": s.decode_chunk,
         "halo": pipe.halo,
         "probe_steps": probe,
+        "decode_slices": n,
         "decode": decode,
         "difference": difference,
         "difference_by_halo": halos,
@@ -261,6 +261,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--probe", type=int, default=4, help="denoising steps actually run")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    parser.add_argument("--decode-slices", type=int, default=32, help="decoded section")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -273,7 +274,9 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "matmul_flops_per_s": matmul_flops_per_s(device, dtype, args.repeats),
-        "presets": [bench_preset(p, device, args.repeats, args.probe) for p in presets],
+        "presets": [
+            bench_preset(p, device, args.repeats, args.probe, args.decode_slices) for p in presets
+        ],
     }
     table = render(result)
     print(table)

@@ -15,8 +15,8 @@ the paper preset's widths:
 Attention runs PyTorch SDPA; on meta it is counted as the math kernel (attention matrices
 materialised), as it is for all three models. ``null`` marks a model that could not be built or
 run at a resolution. Like CA-LDM on a GPU (``offload``), every model holds only the weights of
-the stage that runs (denoising, then decoding). ``--json`` prints one JSON object as the last line; the figures are also
-written to ``benchmarks/results/memory_vs_resolution.json``.
+the stage that runs (denoising, then decoding). ``--json`` prints one JSON object as the last
+line; the figures are also written to ``benchmarks/results/memory_vs_resolution.json``.
 """
 
 from __future__ import annotations

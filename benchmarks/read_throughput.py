@@ -57,8 +57,10 @@ def main() -> None:
     args = parser.parse_args()
 
     roots = {"local": tempfile.mkdtemp(prefix="caldm-bench-"), "s3 (moto)": start_s3()}
-    print(f"{'storage':<10} {'preset':<6} {'shape':<16} {'format':<7} "
-          f"{'stored MB':>9} {'median s':>9} {'voxel MB/s':>10} {'stored MB/s':>11}")
+    print(
+        f"{'storage':<10} {'preset':<6} {'shape':<16} {'format':<7} "
+        f"{'stored MB':>9} {'median s':>9} {'voxel MB/s':>10} {'stored MB/s':>11}"
+    )
     for storage, root in roots.items():
         for name in args.presets:
             shape = preset(name).model.image_shape

@@ -180,9 +180,10 @@ class SamplingConfig(_Strict):
     refiner_sampler: Literal["ddim", "dpm++"] | None = None  # None: same as sampler
     refiner_steps: int | None = None  # None: same as steps
     eta: float = 0.0
+    # chunked: ~3x fewer decoder FLOPs than exact (Eq. 1); benchmarks/sampling_speed.py
     decode: Literal["exact", "chunked"] = "chunked"
     slice_batch: int = 64  # latent slices refined together at each denoising step
-    decode_chunk: int = 16  # output slices decoded together in chunked mode
+    decode_chunk: int = 16  # output slices decoded together (chunk + k-1 latent slices in)
     guidance_scale: float = 1.0  # classifier-free guidance for label-guided sampling
 
 

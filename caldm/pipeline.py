@@ -307,17 +307,31 @@ class CALDMPipeline:
             emit,
             self.dtype,
         )
-        scale = self.scale["refiner"]
         for start in range(0, d, s.slice_batch):
             stop = min(start + s.slice_batch, d)
-            gens = [_generator(seed, _REFINER_STREAM, i) for i in range(start, stop)]
-            noise = [torch.randn(z_sr.shape[0], *z_sr.shape[2:], generator=g) for g in gens]
-            x = torch.stack(noise).to(self.device)
-            z_sr_batch = z_sr[:, start:stop].movedim(1, 0) * scale
-            cond = self._cond_features("refiner", labels, lambda lab, a=start, b=stop: lab[a:b])
-            z_hr = self._denoise("refiner", sampler, steps, x, z_sr_batch, cond, gens, on_step)
-            decoder.push(z_hr / scale)
+            decoder.push(self.refine(z_sr, start, stop, seed, labels, sampler, steps, on_step))
         decoder.close()
+
+    def refine(
+        self,
+        z_sr: torch.Tensor,
+        start: int,
+        stop: int,
+        seed: int,
+        labels: PreparedLabels | None,
+        sampler: str,
+        steps: int,
+        on_step: Callable[[int], object] | None = None,
+    ) -> torch.Tensor:
+        """z_hr_i ~ Diff_slice(. | z_sr_i) for slices ``start .. stop - 1``: ``(n, c, H', W')``."""
+        scale = self.scale["refiner"]
+        gens = [_generator(seed, _REFINER_STREAM, i) for i in range(start, stop)]
+        noise = [torch.randn(z_sr.shape[0], *z_sr.shape[2:], generator=g) for g in gens]
+        x = torch.stack(noise).to(self.device)
+        z_sr_batch = z_sr[:, start:stop].movedim(1, 0) * scale
+        cond = self._cond_features("refiner", labels, lambda lab: lab[start:stop])
+        z_hr = self._denoise("refiner", sampler, steps, x, z_sr_batch, cond, gens, on_step)
+        return z_hr / scale
 
     # ------------------------------------------------------------------ internals
 

@@ -149,3 +149,17 @@ def test_info_counts_every_module() -> None:
     assert set(info["params"]) == set(MODULES)
     assert info["latent_shape"] == [4, 64, 64, 64] and info["k"] == 5
     assert all(n > 0 for n in info["params"].values())
+
+
+def test_adaptor_levels_select_decoder_levels() -> None:
+    from caldm.nn.nets.dec_m import resblock_levels
+
+    dec2d = build("dec2d", TINY)
+    levels = resblock_levels(dec2d)
+    assert levels[0] == 0 and levels[-1] == len(TINY.model.ae2d.channels) - 1
+    assert levels == sorted(levels)
+    only_top = TINY.model_copy(deep=True)
+    only_top.model.adaptor.levels = [levels[-1]]
+    n_all = len(build("adaptors", TINY).adaptors)
+    n_top = len(build("adaptors", only_top).adaptors)
+    assert 0 < n_top < n_all

@@ -11,7 +11,7 @@ each residual block convolves across the slices of the batch. Decoding modes:
 from __future__ import annotations
 
 import torch
-from monai.networks.nets.autoencoderkl import AEKLResBlock
+from monai.networks.nets.autoencoderkl import AEKLResBlock, Upsample
 from torch import nn
 
 from caldm.config import AdaptorConfig
@@ -26,7 +26,7 @@ def resblock_levels(dec2d: Dec2D) -> list[int]:
     for block in dec2d.blocks:
         if isinstance(block, AEKLResBlock):
             levels.append(level)
-        elif block.__class__.__name__ == "Upsample":
+        elif isinstance(block, Upsample):
             level += 1
     return levels
 

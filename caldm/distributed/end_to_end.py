@@ -51,10 +51,10 @@ PATH: tuple[Step, ...] = (
     Step("ae2d", "ae2d", "images", 400),
     Step("nhae", "nhae", "images", 300),
     Step("adaptor", "adaptor", "images", 100),
-    Step("diff3d", "diff3d", "latents", 600),
-    Step("refiner", "refiner", "latents", 400),
-    Step("diff3d_guided", "diff3d", "latents", 200, condition=True),
-    Step("refiner_guided", "refiner", "latents", 200, condition=True),
+    Step("diff3d", "diff3d", "latents", 1500),
+    Step("refiner", "refiner", "latents", 1500),
+    Step("diff3d_guided", "diff3d", "latents", 500, condition=True),
+    Step("refiner_guided", "refiner", "latents", 500, condition=True),
 )
 
 
@@ -167,6 +167,12 @@ def run_pipeline(
                     workers=workers,
                     gpus_per_worker=gpus_per_worker,
                     max_steps=max_steps,
+                    # resume points and logging spaced for runs of hundreds of steps
+                    overrides=(
+                        f"train.checkpoint_every={max(2, max_steps // 4)}",
+                        "train.log_every=10",
+                        f"train.preview_every={max(2, max_steps // 2)}",
+                    ),
                 )
             )
             log(f"pipeline: {step.name} loss {summary.get('loss')}")
@@ -185,7 +191,8 @@ def run_pipeline(
         log=log,
     )
     if gen.errors:
-        raise DataError(reference, f"{len(gen.errors)} label(s) failed; see {synthetic}/errors.jsonl")
+        n = len(gen.errors)
+        raise DataError(reference, f"{n} label(s) failed; see {synthetic}/errors.jsonl")
 
     report = evaluate(reference, synthetic, out=_join(out, "report.json"), max_slices_per_volume=8)
     real_profile = mean_depth_profile(reference)

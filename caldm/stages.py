@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from caldm.config import Config
 from caldm.diffusion.objective import diffusion_loss
@@ -187,6 +188,36 @@ STAGES: dict[str, StageSpec] = {
     "diff3d": StageSpec("diff3d", ("diff3d",), (), "latents", diff3d_step, diffusion=True),
     "refiner": StageSpec("refiner", ("refiner",), (), "latents", refiner_step, diffusion=True),
 }
+
+
+def stage_dataset(
+    stage: str,
+    data: str,
+    cfg: Config,
+    condition: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> IterableDataset:
+    """The infinite stream of items that feeds ``stage``, sharded by ``(rank, world_size)``.
+
+    ``data`` is a dataset root for the autoencoder stages and the latent cache written by
+    ``jobs/encode_latents.py`` for the diffusion stages. Constructing it lists the files (and,
+    with a ``condition``, checks the labels), so missing data fails here, before training.
+    """
+    from caldm.data import datasets
+
+    kind = STAGES[stage].dataset
+    if kind == "latents":
+        return datasets.LatentDataset(
+            data, cfg, stage, condition, rank=rank, world_size=world_size, seed=seed
+        )
+    volume_streams = {
+        "bscan": datasets.BScanDataset,
+        "thumbnail_slices": datasets.ThumbnailSliceDataset,
+        "slice_window": datasets.SliceWindowDataset,
+    }
+    return volume_streams[kind](data, cfg, rank=rank, world_size=world_size, seed=seed)
 
 
 def example_batch(

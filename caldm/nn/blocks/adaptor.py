@@ -32,7 +32,9 @@ class Adaptor3D(nn.Module):
         self.conv = nn.Conv3d(
             channels, channels, (kernel_size, 3, 3), padding=(kernel_size // 2, 1, 1)
         )
-        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        # Shape (1,), not a 0-dim scalar: DeepSpeed broadcasts parameters viewed as bytes,
+        # which fails for 0-dim tensors.
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
 
     def forward(self, x: torch.Tensor, num_slices: int) -> torch.Tensor:
         bn, c, h, w = x.shape

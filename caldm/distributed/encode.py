@@ -1,0 +1,134 @@
+"""The latent cache the diffusion stages train on, written by a Ray Data job.
+
+For every volume of a dataset, with a trained NHAE from a bundle:
+
+- ``z    = mean of Enc3D(thumbnail)``            (c, D', H', W')  Diff3D's data
+- ``z_sr = f_sr(z)``                            (c, D, H', W')   the refiner's guide
+- ``z_hr = mean of Enc2D(x_i)`` for every slice  (c, D, H', W')   the refiner's target
+
+written as ``<out>/<id>.safetensors`` with ``<out>/source.json`` (dataset and bundle URLs) and
+``<out>/stats.json`` (mean and std of each latent over all volumes; the training stages scale
+latents by 1/std). An actor pool holds the networks (one GPU per actor when the cluster has
+GPUs). Rerunning skips volumes whose latents exist and only reads them back for the stats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from caldm.bundle import read_bundle_config, require
+
+log = logging.getLogger("caldm.encode")
+
+NEEDS = ("enc3d", "f_sr", "enc2d")
+KEYS = ("z", "z_sr", "z_hr")
+
+
+class LatentEncoder:
+    """A Ray Data actor: encodes (or reads back) the latents of a batch of volume ids and
+    returns per-volume sums for the statistics."""
+
+    def __init__(self, bundle: str, data: str, out: str, slice_batch: int = 32) -> None:
+        from caldm.bundle import load_bundle
+        from caldm.data.layout import DatasetLayout
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.nets = load_bundle(bundle, NEEDS, device=self.device)
+        self.cfg = self.nets.cfg
+        self.layout = DatasetLayout(data)
+        self.out = out
+        self.slice_batch = slice_batch
+
+    @torch.no_grad()
+    def encode(self, sample_id: str) -> dict[str, np.ndarray]:
+        """The three latents of one volume (float32 numpy)."""
+        from caldm.data.io import read_volume
+        from caldm.data.preprocess import resize, thumbnail, to_unit_range
+
+        m = self.cfg.model
+        volume, _ = read_volume(self.layout.image_url(sample_id))
+        volume = resize(to_unit_range(volume), m.image_shape, order="linear")
+        thumb = torch.from_numpy(thumbnail(volume, m.thumbnail_shape).copy())[None, None]
+        z, _ = self.nets["enc3d"](thumb.to(self.device))
+        z_sr = self.nets["f_sr"](z)
+        slices = torch.from_numpy(np.ascontiguousarray(volume))[:, None]  # (D, 1, H, W)
+        z_hr = torch.cat(
+            [
+                self.nets["enc2d"](chunk.to(self.device))[0]
+                for chunk in slices.split(self.slice_batch)
+            ]
+        )  # (D, c, H', W')
+        latents = {"z": z[0], "z_sr": z_sr[0], "z_hr": z_hr.movedim(0, 1)}
+        return {k: v.float().cpu().numpy() for k, v in latents.items()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load
+
+        from caldm.data.datasets import latent_url, write_latents
+        from caldm.data.io import read_bytes, url_exists
+
+        rows: dict[str, list[Any]] = {"id": [], "cached": []}
+        for sample_id in batch["id"]:
+            url = latent_url(self.out, str(sample_id))
+            cached = url_exists(url)
+            if cached:
+                latents = load(read_bytes(url))
+            else:
+                latents = self.encode(str(sample_id))
+                write_latents(url, **latents)
+            rows["id"].append(str(sample_id))
+            rows["cached"].append(cached)
+            for key in KEYS:
+                x = latents[key].astype(np.float64)
+                for stat, value in (("n", x.size), ("sum", x.sum()), ("sumsq", (x * x).sum())):
+                    rows.setdefault(f"{key}_{stat}", []).append(value)
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+
+def encode_latents(bundle: str, data: str, out: str, concurrency: int | None = None) -> dict:
+    """Cache z, z_sr and z_hr of every volume of ``data`` under ``out``; returns the stats.
+
+    Raises a BundleError before any work when the bundle lacks enc3d, f_sr or enc2d.
+    """
+    import ray
+
+    from caldm.data.datasets import write_latent_source
+    from caldm.data.io import write_bytes
+    from caldm.data.layout import DatasetLayout
+    from caldm.distributed.train import absolute, ensure_ray
+
+    bundle, data, out = absolute(bundle), absolute(data), absolute(out)
+    require(bundle, NEEDS, "encoding latents (the trained NHAE and slice encoder)")
+    read_bundle_config(bundle)
+    ids = DatasetLayout(data).ids()
+    ensure_ray()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    concurrency = concurrency or max(1, min(len(ids), int(gpus) or 1))
+    stats_rows = (
+        ray.data.from_items([{"id": i} for i in ids])
+        .map_batches(
+            LatentEncoder,
+            fn_constructor_kwargs={"bundle": bundle, "data": data, "out": out},
+            batch_size=1,
+            concurrency=concurrency,
+            num_gpus=1 if gpus else 0,
+            num_cpus=1,
+        )
+        .take_all()
+    )
+    stats: dict[str, Any] = {"count": len(stats_rows)}
+    for key in KEYS:
+        n = sum(r[f"{key}_n"] for r in stats_rows)
+        mean = sum(r[f"{key}_sum"] for r in stats_rows) / n
+        var = sum(r[f"{key}_sumsq"] for r in stats_rows) / n - mean * mean
+        stats[key] = {"mean": float(mean), "std": float(np.sqrt(max(var, 0.0)))}
+    cached = sum(bool(r["cached"]) for r in stats_rows)
+    write_latent_source(out, data, bundle=bundle)
+    write_bytes(f"{out}/stats.json", json.dumps(stats, indent=1).encode())
+    log.warning("encoded %d volumes (%d already cached) to %s", len(ids) - cached, cached, out)
+    return {**stats, "encoded": len(ids) - cached, "cached": cached}

@@ -1,0 +1,702 @@
+"""The one train loop of every CA-LDM stage: Ray Train workers, DeepSpeed ZeRO engines.
+
+``train(TrainRequest(...))`` is what ``jobs/train_stage.py`` runs:
+
+1. :func:`plan` checks every input on the driver (config, bundle, data, ``--out``) and resolves
+   the run; nothing starts before it passes.
+2. A :class:`~ray.train.torch.TorchTrainer` runs :func:`train_loop` on ``workers`` workers. Each
+   builds the stage's modules (:func:`build_stage_modules`), wraps the trainable ones in one
+   DeepSpeed engine (and the discriminator of a GAN stage in a second), and steps
+   (:class:`StageTrainer`). Every ``train.checkpoint_every`` steps every rank saves its ZeRO
+   shard into one Ray checkpoint and reports.
+3. Rank 0 exports ``<out>/bundle`` (the EMA weights of a diffusion stage; frozen and inherited
+   modules copied from ``--bundle`` so the bundle is self-contained); the driver writes
+   ``<out>/summary.json``.
+
+Ray storage is ``<out>`` with the run name ``<stage>``, so rerunning the same command finds the
+run's checkpoints and resumes from the newest (Ray Train V2 restores it by name and storage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from torch import nn
+
+from caldm.bundle import bundle_modules, load_module, read_bundle_config, read_meta, require
+from caldm.bundle import save_bundle as _save_bundle
+from caldm.config import Config, load_config
+from caldm.diffusion.schedule import NoiseSchedule
+from caldm.errors import BundleError, CaldmError, ConfigError, DataError
+from caldm.nn.factory import build
+from caldm.nn.losses import HybridLoss
+from caldm.nn.nets.diffusion_unet import widen_input
+from caldm.stages import (
+    STAGES,
+    StageSpec,
+    StepContext,
+    StepOutput,
+    discriminator_loss,
+    stage_dataset,
+)
+
+log = logging.getLogger("caldm.train")
+
+#: Test hook: a worker raises right after reporting the checkpoint of this step (a "kill").
+FAIL_AFTER_STEP_ENV = "CALDM_FAIL_AFTER_STEP"
+#: Environment forwarded from the driver to the workers (storage endpoints, tracking, hooks).
+_FORWARD_ENV_PREFIXES = ("AWS_", "MLFLOW_", "CALDM_", "TORCH_EXTENSIONS_DIR")
+# Model config sections that do not change any exported module's weights.
+_MODEL_KEYS_FREE = ("model.loss.", "model.discriminator.", "model.condition.dropout")
+
+
+# ------------------------------------------------------------------------ request and plan
+
+
+class TrainingFailed(CaldmError):
+    """Training stopped with an error after its retries (``train.max_failures``)."""
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """The arguments of ``jobs/train_stage.py`` (DESIGN.md command contract)."""
+
+    stage: str
+    data: str
+    out: str
+    preset: str | None = "tiny"
+    bundle: str | None = None
+    condition: str | None = None
+    config_file: str | None = None
+    overrides: tuple[str, ...] = ()
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    zero_stage: int | None = None
+    max_steps: int | None = None
+
+
+@dataclass
+class TrainPlan:
+    """A checked, resolved run: what the workers receive."""
+
+    stage: str
+    cfg: Config  # resolved; cfg.stage == stage; --zero-stage and --max-steps applied
+    data: str  # absolute local path or URL
+    out: str
+    bundle: str | None
+    bundle_meta: dict[str, Any] = field(default_factory=dict)
+    condition: str | None = None
+    num_classes: int | None = None
+    latent_scale: float = 1.0  # diffusion stages: 1 / std of the cached latents
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+
+    @property
+    def spec(self) -> StageSpec:
+        return STAGES[self.stage]
+
+    @property
+    def bundle_out(self) -> str:
+        return join(self.out, "bundle")
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+def absolute(url: str) -> str:
+    """Local paths made absolute: workers (and ``ray job submit`` jobs) run in other dirs."""
+    if "://" in url and not url.startswith("file://"):
+        return url.rstrip("/")
+    return str(Path(url.removeprefix("file://")).expanduser().resolve())
+
+
+def _read_json(url: str) -> dict[str, Any] | None:
+    try:
+        with fsspec.open(url, "r") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+
+
+def _write_json(url: str, obj: dict[str, Any]) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, json.dumps(obj, indent=1).encode())
+
+
+def latent_stats(latents: str) -> dict[str, Any]:
+    """``<latents>/stats.json`` as written by ``jobs/encode_latents.py``."""
+    stats = _read_json(join(latents, "stats.json"))
+    if stats is None:
+        raise DataError(
+            join(latents, "stats.json"), "missing: rerun jobs/encode_latents.py on this cache"
+        )
+    return stats
+
+
+def _check_bundle_model(bundle: str, cfg: Config) -> Config:
+    """The bundle's config; a ConfigError when its networks differ from the run's."""
+    have = read_bundle_config(bundle).flat()
+    for key, value in cfg.flat().items():
+        if key.startswith("model.") and not key.startswith(_MODEL_KEYS_FREE):
+            if have.get(key) != value:
+                raise ConfigError(
+                    f"{bundle}: bundle was made for another model ({key} = {have.get(key)!r}, "
+                    f"this run has {value!r}); use the bundle's preset (--preset "
+                    f"{have.get('preset')})"
+                )
+    return cfg
+
+
+def plan(req: TrainRequest) -> TrainPlan:
+    """Check every input of a run before any worker starts; raise one CaldmError per problem.
+
+    Rejects: an unknown stage, a condition on a non-diffusion stage, unknown config keys, a
+    config file saved by another stage, a bundle lacking what the stage freezes (or, when
+    fine-tuning with a condition, the unconditional model), a bundle of another model, missing
+    data or latents, and an ``--out`` holding a run of another stage.
+    """
+    if req.stage not in STAGES:
+        raise ConfigError(f"unknown stage {req.stage!r}; choose one of {', '.join(STAGES)}")
+    spec = STAGES[req.stage]
+    if req.condition is not None and not spec.diffusion:
+        raise ConfigError(
+            f"--condition {req.condition}: stage {req.stage} takes no label condition "
+            "(only diff3d and refiner are fine-tuned with one)"
+        )
+    if req.condition not in (None, "layers", "vessels"):
+        raise ConfigError(f"--condition {req.condition!r}: expected layers or vessels")
+    if req.workers < 1:
+        raise ConfigError(f"--workers {req.workers}: need at least one worker")
+    cfg = load_config(req.preset, req.config_file, list(req.overrides))
+    if cfg.stage is not None and cfg.stage != req.stage:
+        raise ConfigError(
+            f"{req.config_file or '--set stage'}: config of stage {cfg.stage!r}, "
+            f"not {req.stage!r}; pass a config written for {req.stage} or none"
+        )
+    cfg.stage = req.stage
+    if req.zero_stage is not None:
+        cfg.train.zero_stage = req.zero_stage
+    if req.max_steps is not None:
+        cfg.train.max_steps = req.max_steps
+
+    out, data = absolute(req.out), absolute(req.data)
+    bundle = absolute(req.bundle) if req.bundle else None
+    previous = _read_json(join(out, "run.json"))
+    if previous is not None and (
+        previous.get("stage") != req.stage or previous.get("condition") != req.condition
+    ):
+        raise ConfigError(
+            f"{join(out, 'run.json')}: --out holds a run of stage {previous.get('stage')!r} "
+            f"(condition {previous.get('condition')}); choose another --out"
+        )
+
+    meta: dict[str, Any] = {}
+    needed = list(spec.frozen) + (list(spec.trains) if req.condition else [])
+    if needed and bundle is None:
+        raise BundleError(f"stage {req.stage} needs --bundle with {', '.join(needed)}")
+    if bundle is not None:
+        what = f"stage {req.stage} (frozen: {', '.join(spec.frozen) or 'none'})"
+        if req.condition:
+            what += f" with --condition (starts from the unconditional {spec.trains[0]})"
+        require(bundle, needed, what)
+        _check_bundle_model(bundle, cfg)
+        meta = read_meta(bundle)
+        conditioned = spec.diffusion and spec.trains[0] in meta.get("conditioned", [])
+        if req.condition and meta.get("condition") not in (None, req.condition):
+            raise BundleError(
+                f"{bundle}: bundle is conditioned on {meta['condition']}, not {req.condition}"
+            )
+        if conditioned and not req.condition:
+            raise BundleError(
+                f"{bundle}: its {spec.trains[0]} is label-conditioned on {meta['condition']}; "
+                f"pass --condition {meta['condition']}"
+            )
+
+    num_classes = None
+    latent_scale = 1.0
+    if spec.diffusion:
+        stage_dataset(req.stage, data, cfg, req.condition, world_size=req.workers)
+        std = latent_stats(data)["z" if req.stage == "diff3d" else "z_hr"]["std"]
+        latent_scale = 1.0 / max(float(std), 1e-8)
+        if req.condition == "layers":
+            from caldm.data.datasets import num_layer_classes, read_latent_source
+
+            num_classes = meta.get("num_classes") or num_layer_classes(
+                read_latent_source(data)["data"]
+            )
+            cfg.model.condition.layer_classes = num_classes
+    else:
+        stage_dataset(req.stage, data, cfg, world_size=req.workers)
+
+    return TrainPlan(
+        stage=req.stage,
+        cfg=cfg,
+        data=data,
+        out=out,
+        bundle=bundle,
+        bundle_meta=meta,
+        condition=req.condition,
+        num_classes=num_classes,
+        latent_scale=latent_scale,
+        workers=req.workers,
+        gpus_per_worker=req.gpus_per_worker,
+    )
+
+
+# ------------------------------------------------------------------------ modules
+
+
+def build_stage_modules(p: TrainPlan) -> tuple[nn.ModuleDict, dict[str, nn.Module]]:
+    """(trainable, frozen) modules of a stage, in float32 on the CPU.
+
+    Trainable modules start from ``--bundle`` when it has them (continuing or fine-tuning),
+    else from a fresh initialisation seeded by ``train.seed``. With a condition, an
+    unconditional diffusion UNet from the bundle gets zero-initialised extra input channels
+    (:func:`widen_input`), so fine-tuning starts from exactly the unconditional model.
+    """
+    spec, cfg, meta = p.spec, p.cfg, p.bundle_meta
+    have = set(meta.get("modules", [])) if p.bundle else set()
+    torch.manual_seed(cfg.train.seed)
+    trainable = nn.ModuleDict()
+    for name in spec.trainable(p.condition):
+        if name not in have:
+            trainable[name] = build(name, cfg, condition=p.condition, num_classes=p.num_classes)
+            continue
+        module = load_module(p.bundle, name, cfg, meta)
+        if p.condition and name in spec.trains and name not in meta.get("conditioned", []):
+            widen_input(module, cfg.model.condition.channels)
+        trainable[name] = module
+    frozen = {name: load_module(p.bundle, name, cfg, meta) for name in spec.frozen}
+    for module in frozen.values():
+        module.requires_grad_(False).eval()
+    return trainable, frozen
+
+
+class StageModel(nn.Module):
+    """What the generator-side engine wraps: the trainable modules as one ModuleDict.
+
+    ``forward`` runs the stage's step with the frozen modules and the discriminator added as
+    plain attributes (not submodules), so DeepSpeed partitions and optimises only what trains.
+    """
+
+    def __init__(self, spec: StageSpec, trainable: nn.ModuleDict) -> None:
+        super().__init__()
+        self.spec = spec
+        self.trainable = trainable
+        self.others: dict[str, nn.Module] = {}
+
+    def forward(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
+        return self.spec.step({**self.others, **self.trainable}, batch, ctx)
+
+
+def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config of one engine: ZeRO stage, micro batch, accumulation, clipping."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": bf16},
+        # A torch optimizer: DeepSpeed's own ones compile fused kernels first (slow on CPU).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter], zero3: bool) -> Iterator[None]:
+    """Full parameters inside the block on every rank (a collective under ZeRO-3)."""
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+class StageTrainer:
+    """The engines, EMA and optimizer step of one stage on one worker.
+
+    ``step(batches)`` is one optimizer step: ``train.grad_accum`` micro batches, each a
+    generator-side forward/backward and, for a GAN stage once the adversarial loss is on, a
+    discriminator forward/backward. DeepSpeed applies the update (with clipping) at the
+    accumulation boundary.
+    """
+
+    def __init__(self, p: TrainPlan, device: torch.device) -> None:
+        import deepspeed
+
+        self.p, self.cfg, self.spec, self.device = p, p.cfg, p.spec, device
+        self.bf16 = device.type == "cuda" or self.cfg.train.precision == "bf16"
+        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.zero3 = self.cfg.train.zero_stage == 3
+        trainable, frozen = build_stage_modules(p)
+        if self.cfg.train.activation_checkpointing:
+            for module in [*trainable.values(), *frozen.values()]:
+                if hasattr(module, "checkpoint_activations"):
+                    module.checkpoint_activations()
+        # EMA (diffusion stages): a float32 copy taken before ZeRO-3 could partition the weights.
+        self.ema = copy.deepcopy(trainable).float().to(device) if self.spec.diffusion else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        self.model = StageModel(self.spec, trainable)
+        self.engine = self._engine(self.model, self.cfg.train.lr, (0.9, 0.999), deepspeed)
+        self.model.others = {k: m.to(device, self.dtype) for k, m in frozen.items()}
+        self.disc_engine = None
+        if self.spec.gan:
+            torch.manual_seed(self.cfg.train.seed + 1)
+            disc = build("disc", self.cfg)
+            # LDM's discriminator betas; a second engine so its ZeRO state is its own.
+            self.disc_engine = self._engine(disc, self.cfg.train.disc_lr, (0.5, 0.9), deepspeed)
+            self.model.others["disc"] = self.disc_engine.module
+        self.ctx = StepContext(
+            cfg=self.cfg,
+            hybrid=HybridLoss(self.cfg.model.loss).to(device) if self.spec.gan else None,
+            schedule=NoiseSchedule.from_config(self.cfg.diffusion) if self.spec.diffusion else None,
+            latent_scale=p.latent_scale,
+            condition=p.condition,
+        )
+        self.global_step = 0
+        self.last: StepOutput | None = None
+        self.last_batch: dict[str, torch.Tensor] = {}
+
+    def _engine(self, module: nn.Module, lr: float, betas: tuple[float, float], deepspeed: Any):
+        params = [q for q in module.parameters() if q.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=lr, betas=betas, weight_decay=self.cfg.train.weight_decay
+        )
+        engine, *_ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=deepspeed_config(self.cfg, self.bf16)
+        )
+        return engine
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+            for k, v in batch.items()
+        }
+
+    def step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over ``train.grad_accum`` micro batches; returns mean loss parts."""
+        self.ctx.step = self.global_step
+        gan_on = self.disc_engine is not None and self.ctx.hybrid.adversarial_active(
+            self.global_step
+        )
+        sums: dict[str, float] = {}
+        accum = self.cfg.train.grad_accum
+        for _ in range(accum):
+            batch = self._to_device(next(batches))
+            if self.disc_engine is not None:  # no discriminator gradients from the G loss
+                self.disc_engine.module.requires_grad_(False)
+            out = self.engine(batch, self.ctx)
+            self.engine.backward(out.losses["loss"])
+            self.engine.step()
+            parts = {k: v.detach().float() for k, v in out.losses.items()}
+            if gan_on:
+                self.disc_engine.module.requires_grad_(True)
+                d_loss = discriminator_loss(self.disc_engine.module, out)
+                self.disc_engine.backward(d_loss)
+                self.disc_engine.step()
+                parts["d_loss"] = d_loss.detach().float()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / accum
+            self.last, self.last_batch = out, batch
+        self.global_step += 1
+        if self.ema is not None:
+            self._update_ema()
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            sums["grad_norm"] = float(grad_norm)
+        sums["lr"] = float(self.engine.get_lr()[0])
+        return sums
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Warm-up (as in diffusers): early EMA weights follow the model closely.
+        n = self.global_step
+        decay = min(self.cfg.train.ema_decay, (1 + n) / (10 + n))
+        params = list(self.model.trainable.parameters())
+        with gathered(params, self.zero3):
+            for e, q in zip(self.ema.parameters(), params):
+                e.lerp_(q.detach().float(), 1.0 - decay)
+
+    # ------------------------------------------------------------ checkpoints and export
+
+    def save(self, directory: str) -> None:
+        """Every rank writes its shard of both engines under ``directory`` (a collective)."""
+        state = {"step": self.global_step}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        self.engine.save_checkpoint(join(directory, "model"), tag="state", client_state=state)
+        if self.disc_engine is not None:
+            self.disc_engine.save_checkpoint(join(directory, "disc"), tag="state")
+
+    def load(self, directory: str) -> int:
+        """Restore engines, optimizer shards and EMA; returns the checkpoint's step."""
+        path, state = self.engine.load_checkpoint(join(directory, "model"), tag="state")
+        if path is None:
+            raise BundleError(f"{directory}: unreadable DeepSpeed checkpoint")
+        if self.disc_engine is not None:
+            self.disc_engine.load_checkpoint(join(directory, "disc"), tag="state")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.global_step = int(state["step"])
+        return self.global_step
+
+    def exported(self) -> dict[str, nn.Module]:
+        """The weights to export, full and float32 on every rank (a collective under ZeRO-3):
+        the EMA copy for diffusion stages, else the trained modules."""
+        if self.ema is not None:
+            return {k: m.cpu() for k, m in self.ema.items()}
+        out: dict[str, nn.Module] = {}
+        for name, module in self.model.trainable.items():
+            with gathered(list(module.parameters()), self.zero3):
+                state = {
+                    k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()
+                }
+            fresh = build(name, self.cfg, self.p.condition, self.p.num_classes)
+            fresh.load_state_dict(state)
+            out[name] = fresh
+        return out
+
+
+def export_bundle(p: TrainPlan, trained: dict[str, nn.Module]) -> None:
+    """Write ``<out>/bundle``: the trained modules plus every other module of ``--bundle``
+    (frozen ones included), its latent scales and condition, so the next stage or the
+    sampler can use it alone."""
+    meta, inherited = p.bundle_meta, {}
+    if p.bundle:
+        for name in bundle_modules(p.bundle):
+            if name not in trained:
+                inherited[name] = load_module(p.bundle, name, p.cfg, meta)
+    conditioned = [p.stage] if p.condition else []
+    meta_update: dict[str, Any] = {
+        k: meta[k] for k in ("latent_scale", "conditioned", "condition", "num_classes") if k in meta
+    }
+    if p.spec.diffusion:
+        meta_update["latent_scale"] = {**meta.get("latent_scale", {}), p.stage: p.latent_scale}
+    _save_bundle(
+        p.bundle_out,
+        p.cfg,
+        {**inherited, **trained},
+        condition=p.condition or meta.get("condition"),
+        num_classes=p.num_classes if p.condition else meta.get("num_classes"),
+        conditioned=conditioned,
+        meta_update=meta_update,
+    )
+
+
+# ------------------------------------------------------------------------ the train loop
+
+
+def _batches(p: TrainPlan, rank: int, world: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    from torch.utils.data import DataLoader
+
+    dataset = stage_dataset(p.stage, p.data, p.cfg, p.condition, rank, world, seed)
+    workers = p.cfg.data.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=p.cfg.train.micro_batch,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+    yield from loader
+
+
+def _preview(out: StepOutput, batch: dict[str, torch.Tensor]):
+    """A PIL image: real (top) vs reconstructed (bottom) slices; for the diffusion stages the
+    channels of the (middle) latent slice being learnt."""
+    import numpy as np
+    from PIL import Image
+
+    def tiles(x: torch.Tensor) -> np.ndarray:  # (N, H, W) in [-1, 1] -> a row of tiles
+        x = x.detach().float().cpu().clamp(-1, 1)
+        return np.concatenate(list(((x + 1) * 127.5).round().byte().numpy()), axis=1)
+
+    if out.preview:
+        rows = [tiles(v[:4, 0]) for v in out.preview.values()]
+    else:  # diffusion: the channels of one (middle) latent slice, scaled to unit variance
+        z = batch["z"][0] if "z" in batch else batch["z_hr"][0]
+        z = z[:, z.shape[1] // 2] if z.dim() == 4 else z
+        rows = [tiles(torch.tanh(z / (z.std() + 1e-6) / 2))]
+    return Image.fromarray(np.concatenate(rows, axis=0), mode="L")
+
+
+def train_loop(p: TrainPlan) -> None:
+    """Runs on every Ray Train worker: resume, train to ``train.max_steps``, checkpoint, export."""
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    cfg = p.cfg
+    trainer = StageTrainer(p, device)
+
+    resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resumed_from = trainer.load(directory)
+        if rank == 0:
+            log.warning("%s: resumed from step %d (%s)", p.stage, resumed_from, checkpoint.path)
+    # A different data order after a resume: the stream restarts with a step-dependent seed.
+    torch.manual_seed(cfg.train.seed + 1000 * rank + resumed_from)
+    batches = iter(_batches(p, rank, world, cfg.train.seed + resumed_from))
+    fail_after = int(os.environ.get(FAIL_AFTER_STEP_ENV, "-1"))
+    samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world
+
+    def report(metrics: dict[str, float]) -> None:
+        directory = tempfile.mkdtemp(prefix="caldm-ckpt-")
+        try:
+            trainer.save(directory)
+            ray.train.report(
+                {**metrics, "step": trainer.global_step, "resumed_from_step": resumed_from},
+                checkpoint=ray.train.Checkpoint.from_directory(directory),
+            )
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            from caldm.distributed import tracking
+
+            stack.enter_context(
+                tracking.start_run(p.out, "caldm-train", p.stage, params=cfg.flat())
+            )
+        metrics: dict[str, float] = {}
+        speed: list[float] = []
+        while trainer.global_step < cfg.train.max_steps:
+            start = time.perf_counter()
+            metrics = trainer.step(batches)
+            elapsed = time.perf_counter() - start
+            speed.append(samples_per_step / elapsed)
+            metrics["samples_per_s"] = speed[-1]
+            step = trainer.global_step
+            if rank == 0:
+                tracking.log_metrics(metrics, step=step)
+                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                    parts = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                    log.warning("%s step %d/%d %s", p.stage, step, cfg.train.max_steps, parts)
+                if step % cfg.train.preview_every == 0 or step == 1:
+                    image = _preview(trainer.last, trainer.last_batch)
+                    tracking.log_image(image, f"previews/step_{step:07d}.png")
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+                # Steady-state speed: the first steps include warm-up (allocations, compiles).
+                metrics["mean_samples_per_s"] = sum(speed[1:] or speed) / len(speed[1:] or speed)
+                report(metrics)
+                if step == fail_after:
+                    raise RuntimeError(f"{FAIL_AFTER_STEP_ENV}={fail_after}: simulated failure")
+        if not metrics:  # resumed at max_steps already: report once so the run has a result
+            report({})
+        trained = trainer.exported()
+        if rank == 0:
+            export_bundle(p, trained)
+
+
+def _worker(config: dict[str, Any]) -> None:
+    train_loop(config["plan"])
+
+
+# ------------------------------------------------------------------------ the driver
+
+
+def _storage(out: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray: a local path, or a pyarrow view of the
+    fsspec filesystem of a URL (s3fs reads AWS_ENDPOINT_URL; pyarrow's own S3 would not)."""
+    if "://" not in out:
+        return out, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(out)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def _forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_ENV_PREFIXES)}
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last ``SomeError: message`` line of a (Ray-wrapped) worker traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Failed)\b.*:", line):
+            return line
+    return lines[-1] if lines else type(exc).__name__
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (``ray job submit``), else start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+def train(req: TrainRequest) -> dict[str, Any]:
+    """Check, train (or resume), export; returns the summary also written to
+    ``<out>/summary.json``: stage, global_step, resumed_from_step, checkpoint, bundle, and
+    the steady-state samples_per_s of the last run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    p = plan(req)
+    _write_json(join(p.out, "run.json"), {"stage": p.stage, "condition": p.condition})
+    ensure_ray()
+    storage_path, storage_fs = _storage(p.out)
+    use_gpu = p.gpus_per_worker > 0
+    resources = {"CPU": 1, **({"GPU": p.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"plan": p},
+        scaling_config=ScalingConfig(
+            num_workers=p.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=p.stage,  # fixed: a rerun finds this run's checkpoints and resumes
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=p.cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": _forwarded_env()},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps the workers' exceptions: name the root cause
+        raise TrainingFailed(
+            f"{p.out}: stage {p.stage} failed ({_root_cause(exc)}); rerun the same command "
+            "to resume from the newest checkpoint"
+        ) from exc
+    ckpt = result.checkpoint.path
+    summary = {
+        "stage": p.stage,
+        "global_step": int(result.metrics["step"]),
+        "resumed_from_step": int(result.metrics["resumed_from_step"]),
+        "checkpoint": ckpt if storage_fs is None else f"{p.out.split('://')[0]}://{ckpt}",
+        "bundle": p.bundle_out,
+        "samples_per_s": result.metrics.get("mean_samples_per_s"),
+    }
+    _write_json(join(p.out, "summary.json"), summary)
+    return summary

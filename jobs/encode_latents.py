@@ -1,0 +1,48 @@
+"""Cache the latents z, z_sr and z_hr of every volume with a trained NHAE (a Ray Data job).
+
+    python jobs/encode_latents.py --bundle RUN/bundle --data DATA --out LATENTS
+
+diff3d and refiner train on LATENTS (``jobs/train_stage.py --data LATENTS``). Rerunning skips
+volumes already cached. A plain run starts a local Ray; under ``ray job submit`` it joins the
+cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # caldm without installing it
+
+from caldm.errors import CaldmError  # noqa: E402
+
+PROG = "encode_latents"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", required=True, help="bundle with enc3d, f_sr and enc2d")
+    p.add_argument("--data", required=True, help="dataset URL (local path or s3://)")
+    p.add_argument("--out", required=True, help="latent cache URL to write")
+    p.add_argument("--actors", type=int, default=None, help="encoder actors (default: GPUs or 1)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from caldm.distributed.encode import encode_latents
+
+    try:
+        stats = encode_latents(args.bundle, args.data, args.out, concurrency=args.actors)
+    except CaldmError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -63,3 +63,19 @@ def s3_bucket(s3_server: str) -> Iterator[str]:
     s3fs.S3FileSystem().mkdir(name)
     yield f"s3://{name}"
     _clear_s3fs_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray (2 CPUs) for every test that runs Ray Train or Ray Data jobs in-process.
+
+    Workers of a local cluster inherit this process's environment (PYTHONPATH included).
+    """
+    import ray
+
+    # address="local": a new cluster even when another Ray runs on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,7 @@ def encode_latents(bundle: str, data: str, out: str, concurrency: int | None = N
     read_bundle_config(bundle)
     ids = DatasetLayout(data).ids()
     ensure_ray()
+    ray.data.DataContext.get_current().print_on_execution_start = False  # a page of settings
     gpus = ray.cluster_resources().get("GPU", 0)
     concurrency = concurrency or max(1, min(len(ids), int(gpus) or 1))
     stats_rows = (
@@ -121,11 +123,12 @@ def encode_latents(bundle: str, data: str, out: str, concurrency: int | None = N
         )
         .take_all()
     )
+    stats_rows.sort(key=lambda r: r["id"])  # the same sums in the same order on every rerun
     stats: dict[str, Any] = {"count": len(stats_rows)}
     for key in KEYS:
-        n = sum(r[f"{key}_n"] for r in stats_rows)
-        mean = sum(r[f"{key}_sum"] for r in stats_rows) / n
-        var = sum(r[f"{key}_sumsq"] for r in stats_rows) / n - mean * mean
+        n = sum(int(r[f"{key}_n"]) for r in stats_rows)
+        mean = math.fsum(r[f"{key}_sum"] for r in stats_rows) / n
+        var = math.fsum(r[f"{key}_sumsq"] for r in stats_rows) / n - mean * mean
         stats[key] = {"mean": float(mean), "std": float(np.sqrt(max(var, 0.0)))}
     cached = sum(bool(r["cached"]) for r in stats_rows)
     write_latent_source(out, data, bundle=bundle)

@@ -647,17 +647,18 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (``ray job submit``), else start a local Ray."""
+    """Connect to the cluster in RAY_ADDRESS (set by ``ray job submit``), else start a local
+    Ray: never silently join some other cluster that happens to run on this machine."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
 
 
 def train(req: TrainRequest) -> dict[str, Any]:
     """Check, train (or resume), export; returns the summary also written to
     ``<out>/summary.json``: stage, global_step, resumed_from_step, checkpoint, bundle, and
-    the steady-state samples_per_s of the last run."""
+    the last loss and steady-state samples_per_s of this invocation."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -696,6 +697,7 @@ def train(req: TrainRequest) -> dict[str, Any]:
         "resumed_from_step": int(result.metrics["resumed_from_step"]),
         "checkpoint": ckpt if storage_fs is None else f"{p.out.split('://')[0]}://{ckpt}",
         "bundle": p.bundle_out,
+        "loss": result.metrics.get("loss"),
         "samples_per_s": result.metrics.get("mean_samples_per_s"),
     }
     _write_json(join(p.out, "summary.json"), summary)

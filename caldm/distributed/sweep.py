@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from caldm.bundle import load_bundle, read_meta, require
-from caldm.config import Config, load_config, read_yaml
+from caldm.config import Config, load_config, parse_override, read_yaml, valid_keys
 from caldm.data.layout import DatasetLayout
 from caldm.distributed.train import (
     StageTrainer,
@@ -142,12 +142,18 @@ def load_space(
     domains: dict[str, Domain] = {}
     for key, spec in space.items():
         source = f"{url}: {target}"
+        if key not in valid_keys():
+            try:
+                parse_override(f"{key}=0")  # its message suggests the closest valid key
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
         domain = _domain(source, key, spec)
         for value in domain.probes():
             try:
                 load_config(preset, None, [*(base or []), f"{key}={json.dumps(value)}"])
             except ConfigError as exc:
-                raise ConfigError(f"{source}: {exc}") from None
+                why = str(exc).removeprefix("config: ")
+                raise ConfigError(f"{source}: {key} = {json.dumps(value)}: {why}") from None
         domains[key] = domain
     if target == "refiner":
         drop = [k for k in domains if k.startswith("model.refiner.")] if condition else []
@@ -378,6 +384,8 @@ def check(req: SweepRequest) -> SweepPlan:
     what = f"the {req.target} sweep" + (" with --condition" if req.condition else "")
     require(bundle, needs, what)
     ids = _sample_ids(req.target, data)
+    if not ids and req.target == "refiner":
+        raise DataError(data, "no latent cache (<id>.safetensors); run jobs/encode_latents.py")
     if len(ids) <= req.holdout:
         kind = "volumes" if req.target == "adaptor" else "cached latents"
         raise DataError(data, f"{len(ids)} {kind}: need more than --holdout {req.holdout}")
@@ -619,15 +627,15 @@ def _write_outputs(p: SweepPlan, results: Any) -> SweepResult:
         row.update({k: json.dumps(decode(v)) for k, v in sorted((result.config or {}).items())})
         row["error"] = _root_cause(result.error) if result.error else ""
         rows.append(row)
+    rows.sort(key=lambda r: r["trial_id"])  # Tune's order changes on restore
     scored = [r for r in rows if r[METRIC] is not None]
     if not scored:
         first = next((r["error"] for r in rows if r["error"]), "no trial reported a metric")
         raise SweepFailed(f"{p.out}: no trial of the {p.req.target} sweep finished ({first})")
     best = results.get_best_result(metric=METRIC, mode="min", scope="last")
-    best_values = {k: decode(v) for k, v in best.config.items()}
     # The full config: preset, the request's --set and the best values (not the sweep's
     # short max_steps or evaluation cadence: best.yaml is for the real run).
-    cfg = load_config(p.req.preset, None, [*p.req.overrides, *overrides_of(best_values)])
+    cfg = load_config(p.req.preset, None, [*p.req.overrides, *overrides_of(best.config)])
     cfg.stage = p.req.target
     best_yaml, trials_csv = join(p.out, "best.yaml"), join(p.out, "trials.csv")
     save_config(cfg, best_yaml)

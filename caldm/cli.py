@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decode", choices=("exact", "chunked"), default=None)
     p.add_argument("--sampler", choices=("ddim", "dpm++"), default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (both processes)")
+    p.add_argument("--refiner-sampler", choices=("ddim", "dpm++"), default=None)
+    p.add_argument("--refiner-steps", type=int, default=None, help="refiner steps, if different")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     return parser
 

@@ -81,7 +81,7 @@ class ConditionConfig(_Strict):
     """Condition encoders map a label to features on the latent grid."""
 
     channels: int = 16
-    layer_classes: int = 8  # set from the data when a layer map dataset is used
+    layer_classes: int = 9  # the phantom's 9; training sets it from the data (num_layer_classes)
     dropout: float = 0.1  # probability of dropping the condition in training
 
 
@@ -263,7 +263,7 @@ def _paper() -> dict[str, Any]:
             "condition": {"channels": 32},
             "discriminator": {"channels": 64, "num_layers": 3},
         },
-        "sampling": {"steps": 200, "slice_batch": 64, "decode_chunk": 16},
+        "sampling": {"steps": 200, "slice_batch": 32, "decode_chunk": 8},
         "train": {"precision": "bf16", "activation_checkpointing": True, "micro_batch": 1},
     }
 

@@ -19,6 +19,9 @@ class DataError(CaldmError):
         self.problem = problem
         super().__init__(f"{url}: {problem}")
 
+    def __reduce__(self):  # picklable across Ray processes despite the two-argument init
+        return (type(self), (self.url, self.problem))
+
 
 class BundleError(CaldmError):
     """A model bundle or checkpoint that lacks a module, or belongs to another stage or preset."""

@@ -65,17 +65,21 @@ def s3_bucket(s3_server: str) -> Iterator[str]:
     _clear_s3fs_cache()
 
 
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """One local Ray (2 CPUs) for every test that runs Ray Train or Ray Data jobs in-process.
+# --- Ray -------------------------------------------------------------------------------------
 
-    Workers of a local cluster inherit this process's environment (PYTHONPATH included).
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: str) -> Iterator[str]:
+    """One local Ray cluster for the session (2 CPUs); yields its address for subprocess jobs.
+
+    It starts after the S3 server on purpose: Ray workers inherit the environment of the
+    process that starts the cluster, AWS_ENDPOINT_URL included. ``address="local"`` starts a
+    fresh cluster even when another one runs on this machine (which plain ray.init would join).
     """
     import ray
 
-    # address="local": a new cluster even when another Ray runs on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        yield
+        yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()

@@ -261,6 +261,7 @@ def test_bad_inputs_fail_before_any_worker(tmp_path: Path, capsys) -> None:
     empty = tmp_path / "empty_latents"
     empty.mkdir()
     base = ["--preset", "tiny", "--data", str(data)]
+    capsys.readouterr()
     cases = {
         "lacks dec2d": ["--stage", "adaptor", *base, "--out", tmp_path / "a", "--bundle",
                         no_dec2d],
@@ -304,11 +305,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _node_ip() -> str:
+    import ray._private.services
+
+    return ray._private.services.get_node_ip_address()
+
+
 @pytest.fixture
 def ray_head(tmp_path: Path, s3_server: str):
     """``ray start --head`` in its own process group; killed by that group (never ``ray stop``,
     which would also stop every other Ray on the machine)."""
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, client = (_free_port() for _ in range(4))
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
@@ -321,18 +328,21 @@ def ray_head(tmp_path: Path, s3_server: str):
     temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
     cmd = [ray, "start", "--head", "--block", "--num-cpus", "2", "--port", str(port),
            "--dashboard-port", str(dash), "--include-dashboard", "true",
+           # free ports for what otherwise has fixed defaults another Ray may hold already
+           "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client),
            "--temp-dir", temp]  # fmt: skip
     log = open(tmp_path / "head.log", "w")  # noqa: SIM115
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(1)
+        deadline = time.time() + 120
+        for host, wait_port in (("127.0.0.1", dash), (_node_ip(), agent)):  # jobs need both
+            while time.time() < deadline:
+                try:
+                    socket.create_connection((host, wait_port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(1)
         yield f"http://127.0.0.1:{dash}", env
     finally:
         os.killpg(head.pid, signal.SIGKILL)  # the head's process group: only what it started

@@ -45,15 +45,22 @@ class DDIM:
         x_t: torch.Tensor,
         state: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
-        """One update from ``t`` to ``t_prev`` (``t_prev = -1``: to clean data)."""
+        """One update from ``t`` to ``t_prev`` (``t_prev = -1``: to clean data).
+
+        With ``eta > 0``, ``noise`` (standard normal, ``x_t``'s shape) is the fresh noise of
+        this step; by default it is drawn from ``generator``. Passing it lets a caller derive
+        each item's noise from its own seed, independent of how items are batched.
+        """
         x0, eps = self.schedule.to_x0_eps(model_output, x_t, t)
         a_t = self.schedule.abar(t, x_t)
         a_prev = self.schedule.abar(t_prev, x_t)
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
         if self.eta > 0:
-            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device)
+            if noise is None:
+                noise = torch.randn(x_t.shape, generator=generator, device=x_t.device)
             x_prev = x_prev + sigma * noise
         return x_prev.to(x_t.dtype), None
 

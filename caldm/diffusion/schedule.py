@@ -53,7 +53,9 @@ class NoiseSchedule:
         t = torch.as_tensor(t, device=like.device).long()
         table = self.alphas_cumprod.to(device=like.device, dtype=torch.float32)
         padded = torch.cat([table, table.new_ones(1)])
-        a = padded[torch.where(t < 0, torch.full_like(t, len(table)), t)]
+        index = torch.where(t < 0, torch.full_like(t, len(table)), t)
+        # index_select, not padded[index]: a 0-d index would call .item(), impossible on meta
+        a = padded.index_select(0, index.reshape(-1)).reshape(index.shape)
         return a.reshape(a.shape + (1,) * (like.dim() - a.dim()))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

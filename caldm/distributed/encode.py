@@ -85,7 +85,9 @@ class LatentEncoder:
             rows["id"].append(str(sample_id))
             rows["cached"].append(cached)
             for key in KEYS:
-                x = latents[key].astype(np.float64)
+                # contiguous: numpy's pairwise sum order (so the stats' last bits) depends on
+                # the layout, and a fresh encode is a strided view where a cached file is not
+                x = np.ascontiguousarray(latents[key], dtype=np.float64)
                 for stat, value in (("n", x.size), ("sum", x.sum()), ("sumsq", (x * x).sum())):
                     rows.setdefault(f"{key}_{stat}", []).append(value)
         return {k: np.asarray(v) for k, v in rows.items()}

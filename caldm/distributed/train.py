@@ -60,6 +60,8 @@ log = logging.getLogger("caldm.train")
 FAIL_AFTER_STEP_ENV = "CALDM_FAIL_AFTER_STEP"
 #: Environment forwarded from the driver to the workers (storage endpoints, tracking, hooks).
 _FORWARD_ENV_PREFIXES = ("AWS_", "MLFLOW_", "CALDM_", "TORCH_EXTENSIONS_DIR")
+#: Elements per ZeRO gradient reduce / allgather bucket.
+REDUCE_BUCKET = 50_000_000
 # Model config sections that do not change any exported module's weights.
 _MODEL_KEYS_FREE = ("model.loss.", "model.discriminator.", "model.condition.dropout")
 # Model config keys that shape only one module: free when the bundle lacks that module (the run
@@ -316,7 +318,11 @@ def build_stage_modules(p: TrainPlan) -> tuple[nn.ModuleDict, dict[str, nn.Modul
         if p.condition and name in spec.trains and name not in meta.get("conditioned", []):
             widen_input(module, cfg.model.condition.channels)
         trainable[name] = module
-    frozen = {name: load_module(p.bundle, name, cfg, meta) for name in spec.frozen}
+    # Without a bundle (benchmarks only: plan() requires one) frozen modules are random.
+    frozen = {
+        name: load_module(p.bundle, name, cfg, meta) if p.bundle else build(name, cfg)
+        for name in spec.frozen
+    }
     for module in frozen.values():
         module.requires_grad_(False).eval()
     return trainable, frozen
@@ -346,7 +352,12 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        # Bucket sizes as accounted for by caldm.bench.memory (REDUCE_BUCKET).
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            "reduce_bucket_size": REDUCE_BUCKET,
+            "allgather_bucket_size": REDUCE_BUCKET,
+        },
         "bf16": {"enabled": bf16},
         # A torch optimizer: DeepSpeed's own ones compile fused kernels first (slow on CPU).
         "zero_allow_untested_optimizer": True,
@@ -384,14 +395,15 @@ class StageTrainer:
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.zero3 = self.cfg.train.zero_stage == 3
         trainable, frozen = build_stage_modules(p)
+        # EMA (diffusion stages): a float32 copy taken before ZeRO-3 could partition the
+        # weights, and before checkpointing wraps forward methods (the copy would share them).
+        self.ema = copy.deepcopy(trainable).float().to(device) if self.spec.diffusion else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
         if self.cfg.train.activation_checkpointing:
             for module in [*trainable.values(), *frozen.values()]:
                 if hasattr(module, "checkpoint_activations"):
                     module.checkpoint_activations()
-        # EMA (diffusion stages): a float32 copy taken before ZeRO-3 could partition the weights.
-        self.ema = copy.deepcopy(trainable).float().to(device) if self.spec.diffusion else None
-        if self.ema is not None:
-            self.ema.requires_grad_(False)
         self.model = StageModel(self.spec, trainable)
         self.engine = self._engine(self.model, self.cfg.train.lr, (0.9, 0.999), deepspeed)
         self.model.others = {k: m.to(device, self.dtype) for k, m in frozen.items()}

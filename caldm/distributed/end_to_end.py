@@ -1,0 +1,211 @@
+"""The paper's whole path as one resumable job (``jobs/pipeline.py``, ``make demo``).
+
+phantom data (when none is given) -> ae2d -> nhae -> adaptor -> encode latents -> diff3d ->
+refiner -> label-guided fine-tune of both diffusion stages -> a synthetic dataset guided by
+held-out real labels -> evaluation (Intra-FID, Inter-FID, TV, depth profiles) -> previews.
+
+Layout under ``--out``::
+
+    data/train, data/heldout     phantom datasets (only when --data is not given)
+    runs/<step>/                 one training run per step (bundle/, summary.json, MLflow)
+    latents/                     the latent cache of encode_latents
+    synthetic/                   the generated dataset (dataset layout)
+    report.json, report.png      evaluation, plus depth-profile correlation and TV ratio
+    depth_profiles.png           mean intensity per depth row, real vs synthetic
+
+Rerunning resumes: finished steps are skipped (their summary says they reached their step
+count), an interrupted training step resumes from its newest checkpoint, the latent cache and
+the generated dataset skip what is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from caldm.data.io import read_bytes, read_volume, url_exists, write_bytes
+from caldm.data.layout import DatasetLayout
+from caldm.data.preprocess import to_unit_range
+from caldm.errors import DataError
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training step of the path: its stage, its input data and how long it trains."""
+
+    name: str
+    stage: str
+    data: str  # "images" (the real dataset) or "latents"
+    max_steps: int
+    condition: bool = False
+
+
+# Step counts for the tiny preset on 2 CPU cores (the demo's 20-minute budget); scale them
+# with --steps-scale for larger presets or real data.
+PATH: tuple[Step, ...] = (
+    Step("ae2d", "ae2d", "images", 400),
+    Step("nhae", "nhae", "images", 300),
+    Step("adaptor", "adaptor", "images", 100),
+    Step("diff3d", "diff3d", "latents", 600),
+    Step("refiner", "refiner", "latents", 400),
+    Step("diff3d_guided", "diff3d", "latents", 200, condition=True),
+    Step("refiner_guided", "refiner", "latents", 200, condition=True),
+)
+
+
+def _join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+def _read_json(url: str) -> dict[str, Any] | None:
+    return json.loads(read_bytes(url)) if url_exists(url) else None
+
+
+def depth_profile(volume: np.ndarray) -> np.ndarray:
+    """Mean intensity (in [-1, 1]) per depth row H of a D x H x W volume."""
+    return to_unit_range(np.asarray(volume)).mean(axis=(0, 2))
+
+
+def mean_depth_profile(root: str, limit: int | None = None) -> np.ndarray:
+    """The depth profile averaged over the volumes of a dataset, resampled to 256 rows."""
+    profiles = []
+    for sid in DatasetLayout(root).ids()[:limit]:
+        volume, _ = read_volume(DatasetLayout(root).image_url(sid))
+        p = depth_profile(volume)
+        profiles.append(np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(p)), p))
+    if not profiles:
+        raise DataError(root, "no volumes to profile")
+    return np.mean(profiles, axis=0)
+
+
+def _profile_png(real: np.ndarray, synthetic: np.ndarray, url: str) -> None:
+    """A small plot of both profiles (depth downwards, as in a B-scan)."""
+    from io import BytesIO
+
+    from PIL import Image, ImageDraw
+
+    w, h = 320, 280
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    lo = min(real.min(), synthetic.min())
+    hi = max(real.max(), synthetic.max())
+    for profile, colour in ((real, (40, 90, 200)), (synthetic, (220, 80, 40))):
+        x = 20 + (profile - lo) / max(hi - lo, 1e-6) * (w - 40)
+        y = 20 + np.linspace(0, 1, len(profile)) * (h - 50)
+        draw.line(list(zip(x.tolist(), y.tolist())), fill=colour, width=2)
+    draw.text((20, h - 24), "real", fill=(40, 90, 200))
+    draw.text((70, h - 24), "synthetic", fill=(220, 80, 40))
+    draw.text((170, h - 24), "depth: top to bottom", fill=(0, 0, 0))
+    buf = BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes(url, buf.getvalue())
+
+
+def run_pipeline(
+    out: str,
+    data: str | None = None,
+    heldout: str | None = None,
+    preset: str = "tiny",
+    count: int = 8,
+    per_label: int = 1,
+    steps_scale: float = 1.0,
+    sampling_steps: int | None = None,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    condition: str = "layers",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) the whole path; returns the final report (also ``<out>/report.json``).
+
+    Without ``data`` a phantom dataset of ``count`` training volumes and ``max(2, count // 4)``
+    held-out volumes is written first. With ``data`` and no ``heldout``, the report compares
+    against the training volumes themselves and says so (``"heldout": false``).
+    """
+    from caldm.data.phantom import write_phantom_dataset
+    from caldm.distributed.encode import encode_latents
+    from caldm.distributed.evaluation import evaluate
+    from caldm.distributed.generate import generate_dataset
+    from caldm.distributed.train import TrainRequest, train
+
+    started = time.time()
+    out = out.rstrip("/")
+    if data is None:
+        data, heldout = _join(out, "data", "train"), _join(out, "data", "heldout")
+        if not url_exists(_join(data, "manifest.jsonl")):
+            log(f"pipeline: writing {count} phantom volumes to {data}")
+            write_phantom_dataset(data, count=count, preset=preset, seed=0)
+        if not url_exists(_join(heldout, "manifest.jsonl")):
+            write_phantom_dataset(heldout, count=max(2, count // 4), preset=preset, seed=10_000)
+    reference = heldout or data
+
+    latents = _join(out, "latents")
+    bundle: str | None = None
+    for step in PATH:
+        run = _join(out, "runs", step.name)
+        max_steps = max(2, int(round(step.max_steps * steps_scale)))
+        if step.stage == "diff3d" and not url_exists(_join(latents, "stats.json")):
+            log(f"pipeline: encoding latents of {data} with {bundle}")
+            encode_latents(bundle, data, latents)
+        summary = _read_json(_join(run, "summary.json"))
+        if summary and summary.get("global_step", 0) >= max_steps:
+            log(f"pipeline: {step.name} already done ({summary['global_step']} steps)")
+        else:
+            log(f"pipeline: training {step.name} ({step.stage}, {max_steps} steps)")
+            summary = train(
+                TrainRequest(
+                    stage=step.stage,
+                    data=latents if step.data == "latents" else data,
+                    out=run,
+                    preset=preset,
+                    bundle=bundle,
+                    condition=condition if step.condition else None,
+                    workers=workers,
+                    gpus_per_worker=gpus_per_worker,
+                    max_steps=max_steps,
+                )
+            )
+            log(f"pipeline: {step.name} loss {summary.get('loss')}")
+        bundle = summary["bundle"]
+
+    synthetic = _join(out, "synthetic")
+    log(f"pipeline: generating {per_label} volume(s) per label of {reference} into {synthetic}")
+    gen = generate_dataset(
+        bundle,
+        reference,
+        synthetic,
+        per_label=per_label,
+        steps=sampling_steps,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        log=log,
+    )
+    if gen.errors:
+        raise DataError(reference, f"{len(gen.errors)} label(s) failed; see {synthetic}/errors.jsonl")
+
+    report = evaluate(reference, synthetic, out=_join(out, "report.json"), max_slices_per_volume=8)
+    real_profile = mean_depth_profile(reference)
+    syn_profile = mean_depth_profile(synthetic)
+    corr = float(np.corrcoef(real_profile, syn_profile)[0, 1])
+    tv_real, tv_syn = report["tv"]["real"]["mean"], report["tv"]["synthetic"]["mean"]
+    report.update(
+        {
+            "depth_profile_correlation": corr,
+            "tv_ratio": tv_syn / tv_real if tv_real else None,
+            "heldout": heldout is not None,
+            "bundle": bundle,
+            "synthetic": synthetic,
+            "wall_s": round(time.time() - started, 1),
+        }
+    )
+    write_bytes(_join(out, "report.json"), json.dumps(report, indent=1).encode())
+    _profile_png(real_profile, syn_profile, _join(out, "depth_profiles.png"))
+    log(
+        f"pipeline: intra-FID {report['intra_fid']:.3f}, inter-FID {report['inter_fid']:.3f}, "
+        f"TV synthetic/real {report['tv_ratio']:.2f}, depth-profile correlation {corr:.3f}"
+    )
+    return report

@@ -1,0 +1,223 @@
+"""Evaluation metrics of the paper: Intra-FID, Inter-FID and total variation (TV).
+
+Axis order is D x H x W (D slices, i.e. B-scans, of H (depth) x W). The two FIDs differ only in
+which planes of a volume are compared:
+
+- Intra-FID: B-scan planes ``volume[d, :, :]`` (H x W), the intra-slice direction.
+- Inter-FID: planes across slices ``volume[:, :, w]`` (D x H), the inter-slice direction; this
+  is where slice-to-slice inconsistency (the paper's "strip patterns") shows.
+
+Planes are taken at evenly spaced, deterministic indices (:func:`plane_indices`), put on the
+range [0, 1] (:func:`intensity_range`), resized to a common size, and passed through a feature
+extractor (:mod:`caldm.nn.nets.inception`); feature means and covariances are accumulated
+incrementally (:class:`FeatureStats`) and compared with :func:`frechet_distance`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PLANE_KINDS = ("intra", "inter")
+TV_SLAB = 64  # slices per chunk in total_variation
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    d^2 = ||mu1 - mu2||^2 + Tr(sigma1) + Tr(sigma2) - 2 Tr((sigma1 sigma2)^(1/2)).
+
+    The trace of the matrix square root is computed from symmetric eigendecompositions rather
+    than with ``scipy.linalg.sqrtm`` as FID tools do: with S = sigma1^(1/2) = U L^(1/2) U^T,
+    sigma1 sigma2 is similar to S sigma2 S, which is symmetric positive semi-definite, so
+    Tr((sigma1 sigma2)^(1/2)) = sum_i sqrt(eig_i(B^T sigma2 B)) with B = U L^(1/2) restricted
+    to the non-negligible eigenvalues of sigma1. This is the same quantity, but real by
+    construction (no imaginary parts to drop, no offset needed for the singular covariances of
+    small sample sets), and for 2048-d features with few samples it takes one 2048 x 2048
+    eigendecomposition (~3 s on 2 cores) where sqrtm takes ~18 s. Rounding makes tiny
+    negative eigenvalues, which are clipped to 0.
+    """
+    mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
+    s1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    s2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(
+            f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
+        )
+    diff = mu1 - mu2
+    # torch's eigh is ~2x faster than scipy's here; both are LAPACK float64.
+    w, u = torch.linalg.eigh(torch.from_numpy((s1 + s1.T) / 2))
+    tol = max(float(w.max()), 0.0) * w.numel() * np.finfo(np.float64).eps
+    keep = w > tol
+    b = u[:, keep] * w[keep].sqrt()
+    m = b.T @ torch.from_numpy(s2) @ b
+    tr_covmean = float(torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum())
+    value = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+    # Rounding can push an exact zero (a set against itself) slightly negative.
+    return float(max(value, 0.0))
+
+
+def frechet_distance_of_samples(x: np.ndarray, y: np.ndarray) -> float:
+    """:func:`frechet_distance` of the Gaussians fitted to samples ``x`` (N1, F) and ``y`` (N2, F).
+
+    With A = centred x / sqrt(N1 - 1) and B likewise (so sigma1 = A^T A), the nonzero
+    eigenvalues of sigma1 sigma2 are the squared singular values of A B^T, hence
+    Tr((sigma1 sigma2)^(1/2)) = sum of singular values of the N1 x N2 matrix A B^T. Exact, and
+    much cheaper than any F x F decomposition when there are fewer samples than features.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:
+        raise ValueError(f"need (N >= 2, F) samples of one F, got {x.shape} and {y.shape}")
+    a = (x - x.mean(0)) / np.sqrt(len(x) - 1)
+    b = (y - y.mean(0)) / np.sqrt(len(y) - 1)
+    diff = x.mean(0) - y.mean(0)
+    tr_covmean = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    value = diff @ diff + (a * a).sum() + (b * b).sum() - 2 * tr_covmean
+    return float(max(value, 0.0))
+
+
+class FeatureStats:
+    """Running mean and covariance of feature vectors (float64 sums; mergeable).
+
+    While there are at most ``dim`` vectors they are also kept, so that
+    :meth:`frechet_distance` can use the exact and fast :func:`frechet_distance_of_samples`;
+    beyond that only the sums are kept and memory stays O(dim^2).
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.sum = np.zeros(dim, np.float64)
+        self.outer = np.zeros((dim, dim), np.float64)
+        self._samples: list[np.ndarray] | None = []
+
+    def update(self, features: np.ndarray) -> None:
+        """Add a (N, dim) batch."""
+        x = np.asarray(features, np.float64).reshape(-1, self.sum.size)
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.outer += x.T @ x
+        self._keep(x)
+
+    def _keep(self, x: np.ndarray | None) -> None:
+        if x is not None and self._samples is not None and self.n <= self.sum.size:
+            self._samples.append(x.copy())
+        else:
+            self._samples = None
+
+    def merge(self, other: FeatureStats) -> None:
+        """Add another accumulator of the same dimension."""
+        self.n += other.n
+        self.sum += other.sum
+        self.outer += other.outer
+        for x in other._samples if other._samples is not None else [None]:
+            self._keep(x)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Unbiased covariance (as ``np.cov``); needs at least two samples."""
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.n}")
+        mu = self.mean
+        return (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+    def frechet_distance(self, other: FeatureStats) -> float:
+        """FID between the Gaussians fitted to this and ``other``."""
+        if self._samples is not None and other._samples is not None:
+            return frechet_distance_of_samples(
+                np.concatenate(self._samples), np.concatenate(other._samples)
+            )
+        return frechet_distance(self.mean, self.cov, other.mean, other.cov)
+
+
+def plane_indices(n: int, max_slices: int | None) -> np.ndarray:
+    """``min(n, max_slices)`` evenly spaced indices into an axis of length ``n``.
+
+    Indices are the centres of equal bins (e.g. n=512, k=4 -> 64, 192, 320, 448), so the
+    choice is deterministic and avoids the often empty border slices. ``None`` or ``0``
+    means every index.
+    """
+    k = n if not max_slices or max_slices >= n else max_slices
+    return ((np.arange(k) + 0.5) * n / k).astype(np.int64)
+
+
+def intra_planes(volume: np.ndarray, max_slices: int | None) -> np.ndarray:
+    """B-scan planes ``volume[d, :, :]`` at :func:`plane_indices` of D: (k, H, W)."""
+    return volume[plane_indices(volume.shape[0], max_slices)]
+
+
+def inter_planes(volume: np.ndarray, max_slices: int | None) -> np.ndarray:
+    """Planes across slices ``volume[:, :, w]`` at :func:`plane_indices` of W: (k, D, H)."""
+    idx = plane_indices(volume.shape[2], max_slices)
+    return np.moveaxis(volume[:, :, idx], 2, 0)
+
+
+def intensity_range(volume: np.ndarray) -> tuple[float, float]:
+    """The intensities that map to 0 and 1, by the rule training uses.
+
+    As :func:`caldm.data.preprocess.to_unit_range` (which maps to [-1, 1] for the networks):
+    an integer volume uses its dtype's full range (uint8: 0..255), so brightness differences
+    between sets stay visible; a float volume has no fixed range (the pipeline writes [-1, 1],
+    other tools [0, 1]) and uses its own minimum and maximum.
+    """
+    if np.issubdtype(volume.dtype, np.integer):
+        info = np.iinfo(volume.dtype)
+        return float(info.min), float(info.max)
+    return float(np.min(volume)), float(np.max(volume))
+
+
+def to_zero_one(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """float32 ``(x - lo) / (hi - lo)`` clipped to [0, 1]; zeros when ``hi <= lo``."""
+    if hi <= lo:
+        return np.zeros(np.shape(x), np.float32)
+    y = (np.asarray(x, np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    return np.clip(y, 0.0, 1.0, out=y)
+
+
+def resize_planes(planes: np.ndarray, size: int) -> np.ndarray:
+    """(k, h, w) -> (k, size, size) float32, bilinear (align_corners=False, as FID resizes)."""
+    t = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[:, None]
+    if t.shape[-2:] != (size, size):
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return t[:, 0].numpy()
+
+
+def total_variation(volume: np.ndarray) -> float:
+    """Anisotropic 3D total variation per voxel of a volume on the unit range.
+
+    TV = (1 / (D H W)) * sum over voxels of |x[d+1,h,w]-x[d,h,w]| + |x[d,h+1,w]-x[d,h,w]|
+    + |x[d,h,w+1]-x[d,h,w]| (forward differences; missing ones at the far borders count 0),
+    after mapping :func:`intensity_range` to [0, 1]. Dividing by the voxel count makes sets of
+    different shapes comparable; the value lies in [0, 3]: 0 for flat volumes, ~1 for uniform
+    noise, ~0.27 for the phantom dataset.
+
+    The paper (Table 1) reports ~575-712 for 512^3 volumes without stating its normalisation
+    or intensity scale, so the numbers are not comparable in magnitude, only in ordering
+    (lower is cleaner).
+    """
+    volume = np.asarray(volume)
+    lo, hi = intensity_range(volume)
+    total = 0.0
+    # Slabs of slices (overlapping by one for the D differences) bound the float32 copies to a
+    # few hundred MB for 512^3 volumes.
+    for start in range(0, volume.shape[0], TV_SLAB):
+        x = torch.from_numpy(to_zero_one(volume[start : start + TV_SLAB + 1], lo, hi))
+        total += float(torch.diff(x, dim=0).abs().sum(dtype=torch.float64))
+        x = x[:TV_SLAB]  # the overlapping slice is counted with the next slab
+        total += sum(float(torch.diff(x, dim=a).abs().sum(dtype=torch.float64)) for a in (1, 2))
+    return total / volume.size
+
+
+def mean_std(values: list[float] | np.ndarray) -> dict[str, float]:
+    """``{"mean", "std"}`` of a set of per-volume values (population std; 0 for one value)."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        raise ValueError("no values")
+    return {"mean": float(v.mean()), "std": float(v.std())}

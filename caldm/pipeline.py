@@ -1,0 +1,529 @@
+"""Streaming CA-LDM sampling from a model bundle (DESIGN.md "Sampling").
+
+z ~ Diff3D -> z_sr = f_sr(z) -> z_hr_i ~ Diff_slice(. | z_sr_i) for every slice, ``slice_batch``
+slices per network call -> x_i = DecM(z_hr around i) -> a sink. The latent stages hold the
+whole latent (c, D', H', W') and z_sr (c, D, H', W'); after them only a window of slices is on
+the device: a batch of slices is refined through all its denoising steps, its latents go to the
+streaming decoder (:mod:`caldm.streaming`), which decodes whatever it can and hands image
+slices to the sink on the host. Peak memory therefore does not grow with D beyond the latents.
+
+Randomness: the Diff3D noise comes from ``(seed, 0)``, the noise of refined slice i from
+``(seed, 1, i)`` (CPU generators), so a volume does not depend on ``slice_batch`` or
+``decode_chunk`` and the same seed gives the same volume on the same device.
+
+Label guidance: a bundle trained with ``--condition layers|vessels`` has condition encoders
+(``cond_diff3d``, ``cond_refiner``) whose features are concatenated to the diffusion inputs.
+Labels of any size are resized to the preset's image shape with nearest neighbour, as training
+data are. Without labels a conditioned bundle samples unconditionally (zero condition features,
+the case condition dropout trained). ``guidance_scale > 1`` adds classifier-free guidance.
+
+:func:`account_sampling` runs this same code on the meta device to count peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from caldm.config import Config
+from caldm.data.preprocess import from_unit_range, resize
+from caldm.diffusion.samplers import DDIM, make_sampler
+from caldm.diffusion.schedule import NoiseSchedule
+from caldm.errors import CaldmError, DataError
+from caldm.nn.nets.dec_m import DecM
+from caldm.streaming import ArraySink, DecodeMode, NiftiSink, Sink, SliceDecoder
+
+SAMPLING_MODULES = ("diff3d", "f_sr", "refiner", "dec2d", "adaptors")
+# The two stages never need each other's weights: with offloading only one set is on the device.
+LATENT_MODULES = ("diff3d", "cond_diff3d", "f_sr")
+SLICE_MODULES = ("refiner", "cond_refiner", "dec2d", "adaptors")
+Output = Literal["uint8", "float"]
+_DIFF3D_STREAM, _REFINER_STREAM = 0, 1
+
+
+def _generator(seed: int, *path: int) -> torch.Generator:
+    """A CPU generator for one random stream of a volume: ``(seed, stream[, slice])``."""
+    state = np.random.SeedSequence([seed, *path]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _nearest_floor(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resize with ``F.interpolate(mode="nearest")``'s indexing.
+
+    The condition encoders start with that interpolation to twice their latent grid; doing it
+    here, on the host, means a full-resolution label never reaches the device and the encoder's
+    own interpolation becomes the identity, with bit-identical results.
+    """
+    index = [
+        np.minimum(np.floor(np.arange(m) * (n / m)).astype(np.int64), n - 1)
+        for n, m in zip(array.shape, shape)
+    ]
+    return array[np.ix_(*index)]
+
+
+@dataclass
+class PreparedLabels:
+    """A label reduced on the host for both condition encoders."""
+
+    diff3d: np.ndarray  # layers (2D', 2H', 2W') or vessels (2D', 2W')
+    refiner: np.ndarray  # one row per slice: layers (D, 2H', 2W') or vessels (D, 2W')
+
+
+def prepare_labels(
+    labels: np.ndarray,
+    kind: str,
+    cfg: Config,
+    source: str = "labels",
+    num_classes: int | None = None,
+) -> PreparedLabels:
+    """Check a label map against the bundle's condition kind and reduce it for the encoders.
+
+    ``layers``: a (D, H, W) class map with values below ``num_classes`` (default: the
+    config's ``layer_classes``); ``vessels``: an en-face (D, W) artery/vein map. Any size is
+    accepted and resized (nearest) to the preset's image shape first. Errors are
+    :class:`DataError` naming ``source``.
+    """
+    labels = np.asarray(labels)
+    m = cfg.model
+    d, h, w = m.image_shape
+    want = (d, h, w) if kind == "layers" else (d, w)
+    if labels.ndim != len(want):
+        layout = "D x H x W layer map" if kind == "layers" else "D x W en-face vessel map"
+        raise DataError(
+            source,
+            f"the bundle is guided by {kind} labels: expected a {layout}, got shape {labels.shape}",
+        )
+    if labels.dtype.kind not in "iub":
+        raise DataError(source, f"label values must be integers, got {labels.dtype}")
+    classes = (num_classes or m.condition.layer_classes) if kind == "layers" else 3
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(
+            source, f"{kind} label values must be in 0..{classes - 1}, got up to {labels.max()}"
+        )
+    labels = resize(labels.astype(np.uint8), want, order="nearest")
+    _, dl, hl, wl = m.latent_shape
+    _, hs, ws = m.slice_latent_shape
+    if kind == "layers":
+        return PreparedLabels(
+            _nearest_floor(labels, (2 * dl, 2 * hl, 2 * wl)),
+            _nearest_floor(labels, (d, 2 * hs, 2 * ws)),
+        )
+    return PreparedLabels(
+        _nearest_floor(labels, (2 * dl, 2 * wl)), _nearest_floor(labels, (d, 2 * ws))
+    )
+
+
+class CALDMPipeline:
+    """CA-LDM sampling with the networks of one bundle.
+
+    Args:
+        cfg: the bundle's config (shapes and sampling settings).
+        modules: ``diff3d``, ``f_sr``, ``refiner``, ``dec2d``, ``adaptors``, plus
+            ``cond_diff3d`` / ``cond_refiner`` for the conditioned diffusion models.
+        condition: the bundle's label kind (``layers``, ``vessels``) or None.
+        latent_scale: per diffusion model, the factor its latents were multiplied by in
+            training (bundle meta ``latent_scale``; default 1).
+        device: where the networks run (``meta`` for memory accounting).
+        dtype: weight and activation dtype; bf16 autocast is used on CUDA.
+        halo: context slices each side of a chunk in ``chunked`` decoding (default: k // 2,
+            the context DecM's adaptors were trained with).
+        offload: keep the weights on the host and move each stage's modules (latent:
+            Diff3D, f_sr; slices: Diff_slice, DecM) to the device only while it runs. Default:
+            on for CUDA, where it lowers the peak by the other stage's weights (1.2 GiB of
+            Diff3D at the paper preset) for about a second of copies per volume.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        modules: Mapping[str, nn.Module],
+        condition: str | None = None,
+        latent_scale: Mapping[str, float] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        halo: int | None = None,
+        offload: bool | None = None,
+    ) -> None:
+        missing = [n for n in SAMPLING_MODULES if n not in modules]
+        if missing:
+            raise ValueError(f"sampling needs modules {', '.join(missing)}")
+        self.cfg = cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.offload = self.device.type == "cuda" if offload is None else offload
+        home = "cpu" if self.offload else self.device
+        self.modules = {n: m.to(home, self.dtype).eval() for n, m in modules.items()}
+        self.condition = condition
+        scale = dict(latent_scale or {})
+        self.scale = {n: float(scale.get(n, 1.0)) for n in ("diff3d", "refiner")}
+        self.decm = DecM(self.modules["dec2d"], self.modules["adaptors"])
+        self.halo = cfg.model.k // 2 if halo is None else halo
+        self.schedule = NoiseSchedule.from_config(cfg.diffusion)
+
+    @classmethod
+    def from_bundle(
+        cls,
+        url: str,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        halo: int | None = None,
+        offload: bool | None = None,
+    ) -> CALDMPipeline:
+        """Load the sampling modules of the bundle at ``url`` (local path or ``s3://``)."""
+        from caldm.bundle import load_bundle, read_meta
+
+        meta = read_meta(url)
+        conds = [f"cond_{n}" for n in meta.get("conditioned", []) if n in ("diff3d", "refiner")]
+        bundle = load_bundle(url, [*SAMPLING_MODULES, *conds], device="cpu")
+        return cls(
+            bundle.cfg,
+            bundle.modules,
+            condition=bundle.condition,
+            latent_scale=meta.get("latent_scale"),
+            device=device,
+            dtype=dtype,
+            halo=halo,
+            offload=offload,
+        )
+
+    def prepare_labels(self, labels: np.ndarray, source: str = "labels") -> PreparedLabels:
+        """:func:`prepare_labels` for this bundle's condition kind and class count."""
+        if self.condition is None:
+            raise CaldmError(f"{source}: labels given, but the bundle has no condition encoders")
+        encoder = self.modules.get("cond_diff3d") or self.modules.get("cond_refiner")
+        classes = getattr(encoder, "num_classes", None)
+        return prepare_labels(labels, self.condition, self.cfg, source, classes)
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample(
+        self,
+        seed: int,
+        labels: np.ndarray | PreparedLabels | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        refiner_sampler: str | None = None,
+        refiner_steps: int | None = None,
+        decode: DecodeMode | None = None,
+        sink: Sink | None = None,
+        output: Output = "uint8",
+        progress: bool = False,
+    ) -> np.ndarray | None:
+        """Sample one volume ``(D, H, W)``.
+
+        Settings left as None come from ``cfg.sampling`` (the refiner's from the Diff3D ones
+        when unset there too). Decoded slices go to ``sink(start_index, slices)`` as host
+        arrays (uint8 via :func:`from_unit_range`, or float32 in [-1, 1]); without a sink the
+        assembled volume is returned. On the meta device nothing is returned or sunk.
+        """
+        s = self.cfg.sampling
+        sampler = sampler or s.sampler
+        steps = steps or s.steps
+        refiner_sampler = refiner_sampler or s.refiner_sampler or sampler
+        refiner_steps = refiner_steps or s.refiner_steps or steps
+        if labels is not None and not isinstance(labels, PreparedLabels):
+            labels = self.prepare_labels(labels)
+
+        on_meta = self.device.type == "meta"
+        shape = self.cfg.model.image_shape
+        collect = ArraySink(shape, np.uint8 if output == "uint8" else np.float32)
+        out_sink = sink or collect
+        d = self.cfg.model.image_shape[0]
+        n_batches = -(-d // s.slice_batch)
+        bar = tqdm(
+            total=steps + n_batches * refiner_steps,
+            desc="sample",
+            unit="step",
+            disable=not progress,
+        )
+
+        def emit(start: int, decoded: torch.Tensor) -> None:
+            x = decoded[:, 0].float()
+            if not on_meta:  # meta tensors have no data to hand over
+                x = x.cpu()
+                out_sink(start, from_unit_range(x) if output == "uint8" else x.numpy())
+
+        with torch.inference_mode(), self._autocast():
+            with self._resident(LATENT_MODULES):
+                z_sr = self.sample_latents(seed, labels, sampler, steps, bar.update)
+            with self._resident(SLICE_MODULES):
+                self.refine_and_decode(
+                    z_sr, seed, labels, refiner_sampler, refiner_steps, decode, emit, bar.update
+                )
+        bar.close()
+        if on_meta or sink is not None:
+            return None
+        return collect.result()
+
+    def sample_latents(
+        self,
+        seed: int,
+        labels: PreparedLabels | None,
+        sampler: str,
+        steps: int,
+        on_step: Callable[[int], object] | None = None,
+    ) -> torch.Tensor:
+        """The latent stages: z ~ Diff3D, then z_sr = f_sr(z), ``(c, D, H', W')`` float32."""
+        shape = (1, *self.cfg.model.latent_shape)
+        gen = _generator(seed, _DIFF3D_STREAM)
+        x = torch.randn(shape, generator=gen).to(self.device)
+        cond = self._cond_features("diff3d", labels, lambda lab: lab[None])
+        z = self._denoise("diff3d", sampler, steps, x, None, cond, [gen], on_step)
+        z = z / self.scale["diff3d"]
+        return self.modules["f_sr"](z.to(self.dtype)).float()[0]
+
+    def refine_and_decode(
+        self,
+        z_sr: torch.Tensor,
+        seed: int,
+        labels: PreparedLabels | None,
+        sampler: str,
+        steps: int,
+        decode: DecodeMode | None,
+        emit: Callable[[int, torch.Tensor], None],
+        on_step: Callable[[int], object] | None = None,
+    ) -> None:
+        """Refine the slices of ``z_sr`` batch by batch and stream them through DecM.
+
+        ``emit(start, decoded)`` receives each decoded group ``(n, 1, H, W)`` on the device.
+        """
+        s = self.cfg.sampling
+        d = z_sr.shape[1]
+        decoder = SliceDecoder(
+            self.decm,
+            d,
+            decode or s.decode,
+            self.cfg.model.k,
+            s.decode_chunk,
+            self.halo,
+            emit,
+            self.dtype,
+        )
+        scale = self.scale["refiner"]
+        for start in range(0, d, s.slice_batch):
+            stop = min(start + s.slice_batch, d)
+            gens = [_generator(seed, _REFINER_STREAM, i) for i in range(start, stop)]
+            noise = [torch.randn(z_sr.shape[0], *z_sr.shape[2:], generator=g) for g in gens]
+            x = torch.stack(noise).to(self.device)
+            z_sr_batch = z_sr[:, start:stop].movedim(1, 0) * scale
+            cond = self._cond_features("refiner", labels, lambda lab, a=start, b=stop: lab[a:b])
+            z_hr = self._denoise("refiner", sampler, steps, x, z_sr_batch, cond, gens, on_step)
+            decoder.push(z_hr / scale)
+        decoder.close()
+
+    # ------------------------------------------------------------------ internals
+
+    @contextlib.contextmanager
+    def _resident(self, names: tuple[str, ...]) -> Iterator[None]:
+        """With offloading, ``names`` live on the device for the duration of the block."""
+        present = [self.modules[n] for n in names if n in self.modules]
+        if not self.offload:
+            yield
+            return
+        for module in present:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in present:
+                module.to("cpu")
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda" and self.dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _cond_features(
+        self,
+        name: str,
+        labels: PreparedLabels | None,
+        pick: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor | None:
+        """Condition features for ``name``'s input; None without an encoder or labels."""
+        encoder = self.modules.get(f"cond_{name}")
+        if encoder is None or labels is None:
+            return None
+        label = torch.from_numpy(np.ascontiguousarray(getattr(labels, name))).to(self.device)
+        return encoder(pick(label))
+
+    def _denoise(
+        self,
+        name: str,
+        sampler_name: str,
+        steps: int,
+        x: torch.Tensor,
+        extra: torch.Tensor | None,
+        cond: torch.Tensor | None,
+        generators: list[torch.Generator],
+        on_step: Callable[[int], object] | None,
+    ) -> torch.Tensor:
+        """Run the reverse process of ``name`` from ``x`` (float32).
+
+        ``extra`` (z_sr for the refiner) and then the condition features ``cond`` are
+        concatenated to the input. A conditioned model without labels gets zero features,
+        the unconditional case that condition dropout trained; with labels and
+        ``guidance_scale != 1`` it also runs on zero features (classifier-free guidance), in a
+        second call rather than a doubled batch, so guidance costs time but no memory.
+        """
+        model = self.modules[name]
+        sampler = make_sampler(sampler_name, self.schedule, self.cfg.sampling.eta)
+        parts = [] if extra is None else [extra]
+        guide = torch.cat(parts, 1) if parts else None
+        unguided = None
+        scale = self.cfg.sampling.guidance_scale
+        if f"cond_{name}" in self.modules:
+            width = self.cfg.model.condition.channels
+            zero = x.new_zeros(x.shape[0], width, *x.shape[2:])
+            guide = torch.cat([*parts, zero if cond is None else cond.float()], 1)
+            if cond is not None and scale != 1.0:
+                unguided = torch.cat([*parts, zero], 1)
+        ts = sampler.timesteps(steps).tolist()
+        state = None
+        for i, t in enumerate(ts):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            t_batch = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
+            out = model(x.to(self.dtype), t_batch, guide).float()
+            if unguided is not None:
+                base = model(x.to(self.dtype), t_batch, unguided).float()
+                out = base + scale * (out - base)
+            if isinstance(sampler, DDIM) and sampler.eta > 0:
+                # fresh noise per item from its own stream: independent of the batching
+                noise = [torch.randn(x.shape[1:], generator=g) for g in generators]
+                x, state = sampler.step(out, t, t_prev, x, state, noise=torch.stack(noise).to(x))
+            else:
+                x, state = sampler.step(out, t, t_prev, x, state)
+            if on_step is not None:
+                on_step(1)
+        return x
+
+
+# ---------------------------------------------------------------------- memory accounting
+
+
+def sampling_memory(
+    cfg: Config,
+    decode: DecodeMode | None = None,
+    condition: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    offload: bool = True,
+) -> dict[str, int]:
+    """Peak bytes of sampling one volume, counted by running the pipeline on the meta device.
+
+    The modules are built on meta in ``dtype`` (bf16, as sampling runs on a GPU); each
+    diffusion process takes one denoising step (every step has the same footprint). With
+    ``offload`` (the GPU default) a stage's baseline holds only its own modules' weights.
+    Returns ``weights`` (all modules); ``latent``, the peak of the latent stages (Diff3D,
+    f_sr); ``z_sr``, the latent they hand on; ``slices``, the peak of refining and decoding
+    above its weights and z_sr, the part that streams and must not grow with D; ``peak``.
+    """
+    from caldm.bench.meta import PeakMemory, module_bytes, tensor_bytes
+    from caldm.nn.factory import build
+
+    names = list(SAMPLING_MODULES)
+    if condition:
+        names += ["cond_diff3d", "cond_refiner"]
+    with torch.device("meta"):
+        modules = {n: build(n, cfg, condition=condition) for n in names}
+    pipe = CALDMPipeline(cfg, modules, condition=condition, device="meta", dtype=dtype)
+    weights = module_bytes(*pipe.modules.values())
+
+    def resident(names: tuple[str, ...]) -> int:
+        if not offload:
+            return weights
+        return module_bytes(*(pipe.modules[n] for n in names if n in pipe.modules))
+
+    labels = None
+    if condition:
+        d, h, w = cfg.model.image_shape
+        blank = np.zeros((d, h, w) if condition == "layers" else (d, w), np.uint8)
+        labels = prepare_labels(blank, condition, cfg)
+    s = cfg.sampling
+    with torch.inference_mode():
+        with PeakMemory(resident(LATENT_MODULES)) as latent:
+            z_sr = pipe.sample_latents(0, labels, s.sampler, 1)
+        z_bytes = tensor_bytes([z_sr])
+        base = resident(SLICE_MODULES) + z_bytes
+        with PeakMemory(base) as slices:
+            pipe.refine_and_decode(
+                z_sr,
+                0,
+                labels,
+                s.refiner_sampler or s.sampler,
+                1,
+                decode,
+                lambda _, decoded: decoded[:, 0].float(),  # the host hand-over's staging copy
+            )
+    streaming = slices.peak - base
+    return {
+        "weights": weights,
+        "latent": latent.peak,
+        "z_sr": z_bytes,
+        "slices": streaming,
+        "peak": max(latent.peak, slices.peak),
+    }
+
+
+def account_sampling(cfg: Config, decode: DecodeMode | None = None) -> int:
+    """Peak bytes of sampling one volume of ``cfg`` on a GPU (see :func:`sampling_memory`)."""
+    return sampling_memory(cfg, decode)["peak"]
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    """``caldm sample``: one volume from a bundle into a NIfTI file, with a progress bar."""
+    import time
+
+    from caldm.data.io import nifti_stem, read_label
+    from caldm.data.phantom import phantom_affine
+
+    if nifti_stem(args.out.rstrip("/").rsplit("/", 1)[-1]) is None:
+        raise CaldmError(f"{args.out}: expected a .nii or .nii.gz output file name")
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError:
+        raise CaldmError(f"--device {args.device!r}: not a torch device") from None
+    pipe = CALDMPipeline.from_bundle(args.bundle, device=device)
+    cfg = pipe.cfg
+    limit = cfg.diffusion.num_train_timesteps
+    for flag, value in (("--steps", args.steps), ("--refiner-steps", args.refiner_steps)):
+        if value is not None and not 1 <= value <= limit:
+            raise CaldmError(f"{flag} {value}: must be in 1..{limit}")
+    labels = None
+    if args.labels:
+        if pipe.condition is None:
+            raise CaldmError(
+                f"{args.labels}: bundle {args.bundle} is not label-guided "
+                "(it has no condition encoders); drop --labels or use a conditioned bundle"
+            )
+        labels = pipe.prepare_labels(read_label(args.labels, pipe.condition), args.labels)
+    shape = cfg.model.image_shape
+    sink = NiftiSink(args.out, shape, phantom_affine(shape))
+    began = time.perf_counter()
+    pipe.sample(
+        args.seed,
+        labels,
+        sampler=args.sampler,
+        steps=args.steps,
+        refiner_sampler=args.refiner_sampler or args.sampler,
+        refiner_steps=args.refiner_steps or args.steps,
+        decode=args.decode,
+        sink=sink,
+        progress=True,
+    )
+    sink.close()
+    seconds = time.perf_counter() - began
+    print(
+        f"wrote {args.out}: {'x'.join(map(str, shape))} uint8, seed {args.seed}, "
+        f"{pipe.device.type}, {seconds:.1f} s"
+    )
+    return 0

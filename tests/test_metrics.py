@@ -1,0 +1,311 @@
+"""Metrics (Fréchet distance, plane samplers, TV), the FID Inception, previews, tracking and the
+evaluation job (one Ray Data run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from caldm import metrics
+from caldm.data.io import write_volume
+from caldm.data.phantom import make_phantom
+from caldm.distributed import tracking
+from caldm.distributed.evaluation import _read_batch, volume_planes
+from caldm.errors import DataError
+from caldm.nn.nets.inception import FEATURE_DIM, build_fid_inception
+from caldm.preview import volume_preview
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (32, 64, 64)
+
+
+def _noise(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+# --- Fréchet distance -------------------------------------------------------------------------
+
+
+def test_frechet_distance_closed_form_diagonal() -> None:
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    s1, s2 = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    got = metrics.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    assert got == pytest.approx(expected, rel=1e-9)
+    # Rotating both Gaussians together changes nothing.
+    q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    rotated = metrics.frechet_distance(
+        q @ mu1, q @ np.diag(s1) @ q.T, q @ mu2, q @ np.diag(s2) @ q.T
+    )
+    assert rotated == pytest.approx(expected, rel=1e-8)
+    assert metrics.frechet_distance(mu1, np.diag(s1), mu1, np.diag(s1)) == pytest.approx(
+        0, abs=1e-9
+    )
+
+
+def test_frechet_distance_matches_sqrtm_and_samples_on_singular_covariances() -> None:
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(10, 40)), 1.5 * rng.normal(size=(12, 40)) + 0.3  # rank < dim
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2)
+    assert np.isfinite(covmean).all()
+    ref = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real)
+    assert metrics.frechet_distance(x.mean(0), s1, y.mean(0), s2) == pytest.approx(ref, rel=1e-6)
+    assert metrics.frechet_distance_of_samples(x, y) == pytest.approx(ref, rel=1e-6)
+    assert metrics.frechet_distance_of_samples(x, x) == pytest.approx(0, abs=1e-9)
+
+
+def test_feature_stats_match_numpy() -> None:
+    x = np.random.default_rng(2).normal(size=(50, 8))
+    stats = metrics.FeatureStats(8)
+    for chunk in np.array_split(x, 4):
+        stats.update(chunk)
+    assert stats.n == 50
+    np.testing.assert_allclose(stats.mean, x.mean(0), atol=1e-12)
+    np.testing.assert_allclose(stats.cov, np.cov(x, rowvar=False), atol=1e-10)
+    # Few vectors: the exact sample path; many (here > dim): mean and covariance only.
+    y = np.random.default_rng(3).normal(size=(5, 8)) + 1
+    few = metrics.FeatureStats(8)
+    few.update(y)
+    assert few.frechet_distance(stats) == pytest.approx(
+        metrics.frechet_distance(y.mean(0), np.cov(y, rowvar=False), x.mean(0), stats.cov)
+    )
+    merged = metrics.FeatureStats(8)
+    merged.merge(stats)
+    merged.merge(few)
+    assert merged.n == 55 and merged.frechet_distance(merged) == pytest.approx(0, abs=1e-9)
+
+
+# --- planes, TV -------------------------------------------------------------------------------
+
+
+def test_plane_samplers_are_even_and_oriented() -> None:
+    assert metrics.plane_indices(512, 4).tolist() == [64, 192, 320, 448]
+    assert metrics.plane_indices(5, 16).tolist() == [0, 1, 2, 3, 4]
+    vol = np.arange(6 * 7 * 8).reshape(6, 7, 8)
+    intra, inter = metrics.intra_planes(vol, 3), metrics.inter_planes(vol, 2)
+    assert intra.shape == (3, 7, 8) and inter.shape == (2, 6, 7)
+    np.testing.assert_array_equal(intra[0], vol[1])  # B-scan d = 1 (of 0, 2, 4 -> 1, 3, 5)
+    np.testing.assert_array_equal(inter[1], vol[:, :, 6])  # across slices at w = 6
+    assert metrics.resize_planes(intra, 299).shape == (3, 299, 299)
+
+
+def test_total_variation_definition_and_ordering() -> None:
+    step = np.zeros((70, 10, 12), np.uint8)  # 70 slices: crosses a TV slab boundary
+    step[:, 5:, :] = 255  # one unit jump per A-scan along H
+    assert metrics.total_variation(step) == pytest.approx(1 / 10)
+    ramp = np.broadcast_to(np.linspace(0, 1, 70, dtype=np.float32)[:, None, None], (70, 4, 4))
+    assert metrics.total_variation(ramp) == pytest.approx(
+        1 / 70, rel=1e-5
+    )  # one unit rise per A-line
+    phantom = metrics.total_variation(make_phantom(SHAPE, 0)[0])
+    noise = metrics.total_variation(_noise(SHAPE, 0))
+    assert 0.05 < phantom < 0.5 and noise == pytest.approx(1.0, abs=0.03)
+    # Float volumes use their own range (the pipeline writes [-1, 1]); uint8 the dtype's.
+    as_float = make_phantom(SHAPE, 0)[0].astype(np.float32) / 127.5 - 1
+    assert metrics.total_variation(as_float) == pytest.approx(
+        phantom * 255 / np.ptp(as_float * 127.5)
+    )
+    assert metrics.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0}
+
+
+# --- FID with the default extractor -----------------------------------------------------------
+
+
+def _stats(
+    model: torch.nn.Module, volumes: list[np.ndarray], k: int
+) -> dict[str, metrics.FeatureStats]:
+    out = {kind: metrics.FeatureStats(FEATURE_DIM) for kind in metrics.PLANE_KINDS}
+    for volume in volumes:
+        planes = volume_planes(volume, k)
+        for kind in metrics.PLANE_KINDS:
+            with torch.inference_mode():
+                out[kind].update(model.features(torch.from_numpy(planes[kind])[:, None]).numpy())
+    return out
+
+
+def test_fid_self_zero_and_noise_worse_than_like_data() -> None:
+    model, name = build_fid_inception(None)
+    assert "not comparable" in name
+    like_a = _stats(model, [make_phantom(SHAPE, s)[0] for s in (0, 1)], k=2)
+    like_b = _stats(model, [make_phantom(SHAPE, s)[0] for s in (10, 11)], k=2)
+    noise = _stats(model, [_noise(SHAPE, s) for s in (0, 1)], k=2)
+    for kind in metrics.PLANE_KINDS:
+        self_fid = like_a[kind].frechet_distance(like_a[kind])
+        like_fid = like_a[kind].frechet_distance(like_b[kind])
+        noise_fid = like_a[kind].frechet_distance(noise[kind])
+        print(f"{kind}: self {self_fid:.2e} like {like_fid:.4f} noise {noise_fid:.4f}")
+        assert self_fid < 1e-6
+        assert noise_fid > 5 * like_fid > 0
+
+
+# --- Inception --------------------------------------------------------------------------------
+
+
+def test_inception_architecture_and_strict_reload(tmp_path: Path) -> None:
+    model, _ = build_fid_inception(None)
+    n_params = sum(p.numel() for p in model.parameters())
+    # torchvision's inception_v3 without AuxLogits has 23,834,568 parameters with a 1000-way fc;
+    # the FID graph's 1008-way fc adds 8 * 2049.
+    assert n_params == 23_850_960
+    assert n_params - model.fc.weight.numel() - model.fc.bias.numel() == 21_785_568
+    x = torch.rand(2, 1, 48, 40)
+    with torch.inference_mode():
+        feats = model.features(x)
+    assert feats.shape == (2, FEATURE_DIM) and torch.isfinite(feats).all() and feats.std() > 0.01
+
+    # A state dict saved from the network (as the published .pth is) reloads strictly.
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "pt_inception.pth")
+    loaded, name = build_fid_inception(str(tmp_path / "pt_inception.pth"))
+    assert "pt_inception.pth (sha256 " in name and "published" not in name
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+    from safetensors.torch import save_file
+
+    save_file(state, tmp_path / "w.safetensors")
+    again, _ = build_fid_inception(str(tmp_path / "w.safetensors"))
+    torch.testing.assert_close(
+        again.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"]
+    )
+
+    torch.save({"fc.bias": state["fc.bias"]}, tmp_path / "partial.pth")
+    with pytest.raises(DataError, match="partial.pth.*Missing key"):
+        build_fid_inception(str(tmp_path / "partial.pth"))
+    with pytest.raises(DataError, match="missing.pth"):
+        build_fid_inception(str(tmp_path / "missing.pth"))
+
+
+# --- preview, tracking ------------------------------------------------------------------------
+
+
+def test_volume_preview_rows_and_columns() -> None:
+    img = volume_preview([make_phantom(SHAPE, 0)[0], _noise((8, 20, 30), 1)], ["a", "b"], tile=64)
+    assert img.mode == "RGB" and img.size[0] > 3 * 64 and img.size[1] > 2 * 64
+    with pytest.raises(ValueError):
+        volume_preview([np.zeros((4, 4))])
+
+
+def test_tracking_uri_and_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert tracking.tracking_uri(str(tmp_path / "out")) == f"sqlite:///{tmp_path}/out/mlflow.db"
+    assert tracking.tracking_uri("s3://bucket/run") == f"sqlite:///{tmp_path}/home/.caldm/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking.tracking_uri("/anywhere") == "http://mlflow:5000"
+    flat = tracking.flatten_params({"model": {"lr": 1e-4}, "long": "x" * 9000})
+    assert flat == {"model.lr": "0.0001", "long": "x" * tracking.MAX_PARAM_VALUE}
+
+
+# --- jobs/evaluate.py -------------------------------------------------------------------------
+
+
+def _evaluate_main():
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import evaluate
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    return evaluate.main
+
+
+def test_evaluate_help_without_ray() -> None:
+    code = (
+        "import runpy, sys; sys.argv = ['evaluate.py', '--help']\n"
+        "try: runpy.run_path('jobs/evaluate.py', run_name='__main__')\n"
+        "except SystemExit as e: assert e.code == 0\n"
+        "assert 'ray' not in sys.modules and 'torch' not in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--inception-weights" in proc.stdout
+
+
+def test_evaluate_bad_input_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main = _evaluate_main()
+    real = tmp_path / "real"
+    write_volume(f"{real}/images/a.nii.gz", make_phantom((8, 16, 16), 0)[0])
+    missing = tmp_path / "nope"
+    assert (
+        main(["--real", str(real), "--synthetic", str(missing), "--out", f"{tmp_path}/r.json"]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0]
+    args = ["--real", str(real), "--synthetic", str(real), "--out", f"{tmp_path}/r.json"]
+    assert main([*args, "--inception-weights", f"{tmp_path}/w.pth"]) == 2
+    assert f"{tmp_path}/w.pth" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+    # An unreadable volume becomes an error row naming the file (the driver stops on it).
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes((real / "images" / "a.nii.gz").read_bytes()[:200])
+    batch = {"set": np.array(["synthetic"]), "id": np.array(["bad"]), "url": np.array([str(bad)])}
+    rows = _read_batch(batch, max_slices=4)
+    assert len(rows["error"]) == 1 and str(bad) in rows["error"][0]
+
+
+def test_evaluate_job_end_to_end(
+    tmp_path: Path, ray_cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real, synthetic = tmp_path / "real", tmp_path / "synthetic"
+    for i in range(2):
+        write_volume(f"{real}/images/r{i}.nii.gz", make_phantom(SHAPE, i)[0])
+        write_volume(f"{synthetic}/images/s{i}.nii.gz", _noise((24, 48, 40), i))  # other shape
+    out = tmp_path / "eval" / "report.json"
+    argv = [
+        "--real",
+        str(real),
+        "--synthetic",
+        str(synthetic),
+        "--out",
+        str(out),
+        "--max-slices-per-volume",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-gpus",
+        "0",
+    ]
+    assert _evaluate_main()(argv) == 0
+
+    report = json.loads(out.read_text())
+    assert set(report) == {
+        "intra_fid",
+        "inter_fid",
+        "tv",
+        "feature_extractor",
+        "n_real",
+        "n_synthetic",
+        "slices",
+    }
+    assert set(report["tv"]) == {"real", "synthetic"}
+    assert all(set(v) == {"mean", "std"} for v in report["tv"].values())
+    assert report["n_real"] == report["n_synthetic"] == 2
+    assert report["slices"]["real"] == report["slices"]["synthetic"] == {"intra": 4, "inter": 4}
+    assert report["intra_fid"] > 0.1 and report["inter_fid"] > 0.1
+    assert report["tv"]["synthetic"]["mean"] > 2 * report["tv"]["real"]["mean"]
+    assert "not comparable" in report["feature_extractor"]
+    with Image.open(out.with_suffix(".png")) as png:
+        assert png.size[1] > 4 * 100  # 2 real + 2 synthetic rows
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out.parent}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["evaluate"])
+    assert runs["metrics.intra_fid"].iloc[0] == pytest.approx(report["intra_fid"])
+    assert runs["metrics.tv.synthetic.mean"].iloc[0] == pytest.approx(
+        report["tv"]["synthetic"]["mean"]
+    )
+    artifacts = mlflow.artifacts.list_artifacts(run_id=runs["run_id"].iloc[0])
+    assert [a.path for a in artifacts] == ["preview.png"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from caldm.bundle import init_bundle, save_bundle
 from caldm.config import load_config, preset
@@ -80,7 +81,7 @@ def assert_sweep(out: Path, stage: str, searched: list[str]) -> list[dict[str, s
     best = rows[int(np.argmin(scores))]
     flat = cfg.flat()
     for key in searched:
-        assert json.loads(best[key]) == pytest.approx(flat[key]), key
+        assert yaml.safe_load(best[key]) == pytest.approx(flat[key]), key
     for row in (r for r in rows if r["status"] == "done"):  # ran to its end: summary written
         summary = json.loads((out / "trials" / row["trial_id"] / "summary.json").read_text())
         assert summary["global_step"] == 3

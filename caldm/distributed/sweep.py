@@ -627,8 +627,8 @@ def _write_outputs(p: SweepPlan, results: Any) -> SweepResult:
         row.update(
             {k: metrics[k] for k in ("val_rec", "val_consistency", "val_loss") if k in metrics}
         )
-        # Searched values as their YAML/JSON text (null, [0, 1]), as --set takes them.
-        row.update({k: json.dumps(decode(v)) for k, v in sorted((result.config or {}).items())})
+        # Searched values as YAML text (epsilon, null, [0, 1]), as --set takes them.
+        row.update({k: _cell(decode(v)) for k, v in sorted((result.config or {}).items())})
         row["error"] = _root_cause(result.error) if result.error else ""
         rows.append(row)
     rows.sort(key=lambda r: r["trial_id"])  # Tune's order changes on restore
@@ -653,6 +653,10 @@ def _write_outputs(p: SweepPlan, results: Any) -> SweepResult:
     _write(trials_csv, buffer.getvalue())
     best_id = _trial_id(best)
     return SweepResult(best_yaml, trials_csv, best_id, best.metrics[METRIC], rows)
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _status(result: Any, max_steps: int) -> str:

@@ -28,7 +28,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,17 @@ _FORWARD_ENV_PREFIXES = ("AWS_", "MLFLOW_", "CALDM_", "TORCH_EXTENSIONS_DIR")
 REDUCE_BUCKET = 50_000_000
 # Model config sections that do not change any exported module's weights.
 _MODEL_KEYS_FREE = ("model.loss.", "model.discriminator.", "model.condition.dropout")
+# Model config keys that shape only one module: free when the bundle lacks that module (the run
+# trains it from scratch, e.g. adaptors with another kernel size on an ae2d/nhae bundle).
+_MODEL_KEYS_OF = {
+    "adaptors": ("model.adaptor.", "model.k"),
+    "diff3d": ("model.diff3d.",),
+    "refiner": ("model.refiner.",),
+}
 
+
+#: A validation hook: ``evaluate(trainer) -> metrics``, run on every rank of a run.
+Evaluate = Callable[["StageTrainer"], dict[str, float]]
 
 # ------------------------------------------------------------------------ request and plan
 
@@ -89,6 +99,16 @@ class TrainRequest:
     gpus_per_worker: float = 0.0
     zero_stage: int | None = None
     max_steps: int | None = None
+    # Hooks for drivers other than jobs/train_stage.py (e.g. tuning/sweep.py):
+    #: ids of volumes (or cached latents) the training stream skips: held out for validation.
+    exclude_ids: tuple[str, ...] = ()
+    #: called on every rank before each checkpoint report; its metrics join the report.
+    evaluate: Evaluate | None = None
+    #: extra Ray Train callbacks (e.g. Tune's TuneReportCallback).
+    callbacks: tuple[Any, ...] = ()
+    #: MLflow experiment and run name (default: caldm-train, the stage).
+    experiment: str = "caldm-train"
+    run_name: str | None = None
 
 
 @dataclass
@@ -106,6 +126,10 @@ class TrainPlan:
     latent_scale: float = 1.0  # diffusion stages: 1 / std of the cached latents
     workers: int = 1
     gpus_per_worker: float = 0.0
+    exclude_ids: tuple[str, ...] = ()
+    evaluate: Evaluate | None = None
+    experiment: str = "caldm-train"
+    run_name: str | None = None
 
     @property
     def spec(self) -> StageSpec:
@@ -151,11 +175,16 @@ def latent_stats(latents: str) -> dict[str, Any]:
     return stats
 
 
-def _check_bundle_model(bundle: str, cfg: Config) -> Config:
-    """The bundle's config; a ConfigError when its networks differ from the run's."""
+def _check_bundle_model(bundle: str, cfg: Config, fresh: tuple[str, ...] = ()) -> Config:
+    """The bundle's config; a ConfigError when its networks differ from the run's.
+
+    ``fresh`` names modules the run trains from scratch (absent from the bundle): the config
+    keys that shape only them may differ.
+    """
     have = read_bundle_config(bundle).flat()
+    free = _MODEL_KEYS_FREE + tuple(k for m in fresh for k in _MODEL_KEYS_OF.get(m, ()))
     for key, value in cfg.flat().items():
-        if key.startswith("model.") and not key.startswith(_MODEL_KEYS_FREE):
+        if key.startswith("model.") and not key.startswith(free):
             if have.get(key) != value:
                 raise ConfigError(
                     f"{bundle}: bundle was made for another model ({key} = {have.get(key)!r}, "
@@ -217,8 +246,9 @@ def plan(req: TrainRequest) -> TrainPlan:
         if req.condition:
             what += f" with --condition (starts from the unconditional {spec.trains[0]})"
         require(bundle, needed, what)
-        _check_bundle_model(bundle, cfg)
         meta = read_meta(bundle)
+        fresh = tuple(m for m in spec.trains if m not in meta.get("modules", []))
+        _check_bundle_model(bundle, cfg, fresh)
         conditioned = spec.diffusion and spec.trains[0] in meta.get("conditioned", [])
         if req.condition and meta.get("condition") not in (None, req.condition):
             raise BundleError(
@@ -233,7 +263,7 @@ def plan(req: TrainRequest) -> TrainPlan:
     num_classes = None
     latent_scale = 1.0
     if spec.diffusion:
-        stage_dataset(req.stage, data, cfg, req.condition, world_size=req.workers)
+        training_dataset(req.stage, data, cfg, req.condition, req.exclude_ids, 0, req.workers)
         std = latent_stats(data)["z" if req.stage == "diff3d" else "z_hr"]["std"]
         latent_scale = 1.0 / max(float(std), 1e-8)
         if req.condition == "layers":
@@ -244,7 +274,7 @@ def plan(req: TrainRequest) -> TrainPlan:
             )
             cfg.model.condition.layer_classes = num_classes
     else:
-        stage_dataset(req.stage, data, cfg, world_size=req.workers)
+        training_dataset(req.stage, data, cfg, None, req.exclude_ids, 0, req.workers)
 
     return TrainPlan(
         stage=req.stage,
@@ -258,6 +288,10 @@ def plan(req: TrainRequest) -> TrainPlan:
         latent_scale=latent_scale,
         workers=req.workers,
         gpus_per_worker=req.gpus_per_worker,
+        exclude_ids=tuple(req.exclude_ids),
+        evaluate=req.evaluate,
+        experiment=req.experiment,
+        run_name=req.run_name,
     )
 
 
@@ -520,10 +554,36 @@ def export_bundle(p: TrainPlan, trained: dict[str, nn.Module]) -> None:
 # ------------------------------------------------------------------------ the train loop
 
 
+def training_dataset(
+    stage: str,
+    data: str,
+    cfg: Config,
+    condition: str | None,
+    exclude_ids: tuple[str, ...] = (),
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+):
+    """The stage's stream without the held-out ``exclude_ids``; a DataError naming ``data``
+    when too few ids remain to give every rank one."""
+    dataset = stage_dataset(stage, data, cfg, condition, rank, world, seed)
+    if exclude_ids:
+        dataset.ids = [i for i in dataset.ids if i not in set(exclude_ids)]
+        if len(dataset.ids) < world:
+            raise DataError(
+                data,
+                f"{len(dataset.ids)} volumes left for training after holding out "
+                f"{len(exclude_ids)}; need at least {world}",
+            )
+    return dataset
+
+
 def _batches(p: TrainPlan, rank: int, world: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     from torch.utils.data import DataLoader
 
-    dataset = stage_dataset(p.stage, p.data, p.cfg, p.condition, rank, world, seed)
+    dataset = training_dataset(
+        p.stage, p.data, p.cfg, p.condition, p.exclude_ids, rank, world, seed
+    )
     workers = p.cfg.data.num_workers
     loader = DataLoader(
         dataset,
@@ -580,6 +640,11 @@ def train_loop(p: TrainPlan) -> None:
     samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world
 
     def report(metrics: dict[str, float]) -> None:
+        if p.evaluate is not None:  # every rank: evaluation may gather ZeRO-3 partitions
+            evaluated = p.evaluate(trainer)
+            metrics = {**metrics, **evaluated}
+            if rank == 0:
+                tracking.log_metrics(evaluated, step=trainer.global_step)
         directory = tempfile.mkdtemp(prefix="caldm-ckpt-")
         try:
             trainer.save(directory)
@@ -595,7 +660,7 @@ def train_loop(p: TrainPlan) -> None:
             from caldm.distributed import tracking
 
             stack.enter_context(
-                tracking.start_run(p.out, "caldm-train", p.stage, params=cfg.flat())
+                tracking.start_run(p.out, p.experiment, p.run_name or p.stage, cfg.flat())
             )
         metrics: dict[str, float] = {}
         speed: list[float] = []
@@ -693,6 +758,7 @@ def train(req: TrainRequest) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=p.cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": _forwarded_env()},
+            callbacks=list(req.callbacks) or None,
         ),
     )
     try:

@@ -1,0 +1,674 @@
+"""Ray Tune sweeps of the adaptor and refiner hyperparameters (``tuning/sweep.py``).
+
+Each trial is one run of the stage trainer of ``jobs/train_stage.py`` (:func:`train`: a
+TorchTrainer with DeepSpeed engines) started from a Tune function trainable, the Ray 2.60
+pattern; ``TuneReportCallback`` forwards the workers' reports to Tune. At every checkpoint the
+trial's workers evaluate on held-out volumes (the last ``holdout`` ids, never trained on):
+
+- adaptor: slice reconstruction error (L1) of DecM on consecutive held-out slices, plus the
+  inter-slice consistency term: the L1 distance between the slice-axis differences of the
+  reconstruction and of the real slices (the stripe artefacts of decoding slice by slice).
+- refiner: the denoising loss on held-out latent slices at fixed timesteps and fixed noise,
+  as epsilon MSE so that epsilon- and v-prediction trials compare on one scale.
+
+ASHA stops poor trials; concurrency follows the cluster's GPUs. Every trial is one MLflow run
+(experiment ``caldm-sweep-<target>``). Layout of ``<out>``::
+
+    sweep.json          what was swept (a rerun must match it)
+    <target>/           the Tune experiment (a rerun with the same --out resumes it)
+    trials/<trial_id>/  each trial's train run (checkpoints, bundle, summary.json)
+    base_bundle/        the frozen modules every trial starts from (adaptor, conditioned refiner)
+    best.yaml           the best trial's full config, for jobs/train_stage.py --config
+    trials.csv          one row per trial: status (done, stopped by ASHA, error), last step,
+                        last metrics, searched values
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from caldm.bundle import load_bundle, read_meta, require
+from caldm.config import Config, load_config, parse_override, read_yaml, valid_keys
+from caldm.data.layout import DatasetLayout
+from caldm.distributed.train import (
+    StageTrainer,
+    TrainRequest,
+    _root_cause,
+    _storage,
+    absolute,
+    gathered,
+    join,
+    plan,
+)
+from caldm.errors import CaldmError, ConfigError, DataError
+
+log = logging.getLogger("caldm.sweep")
+
+TARGETS = ("adaptor", "refiner")
+SEARCHES = ("random", "optuna")
+METRIC = "val_score"  # what ASHA and the searcher minimise
+DOMAINS = ("loguniform", "uniform", "randint", "choice")
+# Modules a trial loads from the bundle instead of training them from scratch.
+NEEDS = {"adaptor": ("enc2d", "dec2d"), "refiner": ()}
+
+
+class SweepFailed(CaldmError):
+    """No trial of a sweep finished with a validation metric."""
+
+
+# ------------------------------------------------------------------------ search spaces
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One searched config key: ``kind`` in :data:`DOMAINS` over ``values``."""
+
+    key: str
+    kind: str
+    values: tuple[Any, ...]
+
+    def probes(self) -> list[Any]:
+        """Values that must all be valid config values: every choice, or both bounds."""
+        if self.kind == "randint":
+            return [self.values[0], self.values[1] - 1]
+        return list(self.values)
+
+    def to_tune(self) -> Any:
+        """The Tune domain. Choices are encoded as JSON strings: Optuna's categorical
+        distributions take scalars only, and lists (e.g. widths) are natural choices here."""
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice([json.dumps(v) for v in self.values])
+        return getattr(tune, self.kind)(*self.values)
+
+
+def decode(value: Any) -> Any:
+    """A trial's value of a key as a config value (choices arrive as JSON strings)."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def overrides_of(config: dict[str, Any]) -> list[str]:
+    """A trial's searched values as ``--set`` overrides (JSON is valid YAML)."""
+    return [f"{key}={json.dumps(decode(value))}" for key, value in sorted(config.items())]
+
+
+def _domain(source: str, key: str, spec: Any) -> Domain:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+        raise ConfigError(
+            f"{source}: {key}: expected one of {{{', '.join(f'{d}: [...]' for d in DOMAINS)}}}"
+        )
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{source}: {key}: {kind} needs a non-empty list")
+    if kind != "choice":
+        if len(values) != 2 or not all(isinstance(v, int | float) for v in values):
+            raise ConfigError(f"{source}: {key}: {kind} needs [low, high] numbers")
+        low, high = values
+        if not low < high or (kind == "loguniform" and low <= 0):
+            raise ConfigError(f"{source}: {key}: {kind} [{low}, {high}] is not a valid range")
+    return Domain(key, kind, tuple(values))
+
+
+def load_space(
+    url: str,
+    target: str,
+    preset: str | None,
+    base: list[str] | None = None,
+    condition: str | None = None,
+) -> dict[str, Domain]:
+    """The search space of ``target`` from the YAML at ``url``, every key and value checked.
+
+    A key that is not a config key, or a value the config rejects (on top of ``preset`` and
+    ``base`` overrides), is a ConfigError naming the YAML file and the key. Keys that cannot
+    act in this sweep are dropped with a warning: the condition dropout without a
+    ``condition``, and the refiner's widths with one (its weights then come from the bundle).
+    """
+    tree = read_yaml(url)
+    section = tree.get(target)
+    if not isinstance(section, dict) or not section:
+        raise ConfigError(f"{url}: no search space for target {target!r} (a mapping of keys)")
+    per_preset = ((tree.get("presets") or {}).get(preset) or {}).get(target) or {}
+    space = {**section, **per_preset}
+    domains: dict[str, Domain] = {}
+    for key, spec in space.items():
+        source = f"{url}: {target}"
+        if key not in valid_keys():
+            try:
+                parse_override(f"{key}=0")  # its message suggests the closest valid key
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        domain = _domain(source, key, spec)
+        for value in domain.probes():
+            try:
+                load_config(preset, None, [*(base or []), f"{key}={json.dumps(value)}"])
+            except ConfigError as exc:
+                why = str(exc).removeprefix("config: ")
+                raise ConfigError(f"{source}: {key} = {json.dumps(value)}: {why}") from None
+        domains[key] = domain
+    if target == "refiner":
+        drop = [k for k in domains if k.startswith("model.refiner.")] if condition else []
+        drop += [] if condition else [k for k in domains if k == "model.condition.dropout"]
+        for key in drop:
+            why = "its weights come from the bundle" if condition else "no --condition"
+            log.warning("%s: not searching %s (%s)", url, key, why)
+            del domains[key]
+    if not domains:
+        raise ConfigError(f"{url}: nothing to search for target {target!r}")
+    return domains
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _fixed_slices(depth: int, count: int) -> np.ndarray:
+    """``count`` consecutive slice indices around the middle of a volume (or all)."""
+    count = min(count, depth)
+    start = (depth - count) // 2
+    return np.arange(start, start + count)
+
+
+@dataclass
+class AdaptorValidation:
+    """Validation of DecM on held-out volumes; called on every rank of a trial.
+
+    For ``slices`` consecutive middle slices of each held-out volume, DecM decodes each
+    slice from the Enc2D latents of its k-window (Eq. 1, edges replicated as in training).
+    ``val_rec`` is the L1 error to the real slices; ``val_consistency`` the L1 error of the
+    slice-to-slice differences (stripes show as jumps between neighbours that the real volume
+    does not have). ``val_score = val_rec + consistency_weight * val_consistency``.
+    """
+
+    data: str
+    ids: tuple[str, ...]
+    slices: int = 8
+    consistency_weight: float = 1.0
+    _windows: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def _load(self, cfg: Config) -> list[torch.Tensor]:
+        from caldm.data.io import read_volume
+        from caldm.data.preprocess import resize, to_unit_range
+
+        if not self._windows:  # read once per trial, as the training stream prepares volumes
+            layout, k = DatasetLayout(self.data), cfg.model.k
+            for sample_id in self.ids:
+                volume, _ = read_volume(layout.image_url(sample_id))
+                volume = resize(to_unit_range(volume), cfg.model.image_shape, order="linear")
+                centres = _fixed_slices(volume.shape[0], self.slices)
+                index = np.clip(centres[:, None] + np.arange(k) - k // 2, 0, volume.shape[0] - 1)
+                self._windows.append(
+                    torch.from_numpy(np.ascontiguousarray(volume[index]))[:, :, None]
+                )
+        return self._windows  # each (n, k, 1, H, W)
+
+    @torch.no_grad()
+    def __call__(self, trainer: StageTrainer) -> dict[str, float]:
+        from caldm.nn.nets.dec_m import DecM
+
+        enc2d, dec2d = trainer.model.others["enc2d"], trainer.model.others["dec2d"]
+        adaptors = trainer.model.trainable["adaptors"]
+        rec, consistency = [], []
+        with gathered(list(adaptors.parameters()), trainer.zero3):
+            decm = DecM(dec2d, adaptors)
+            for windows in self._load(trainer.cfg):
+                n, k = windows.shape[:2]
+                real = windows[:, k // 2].float()
+                out = []
+                for window in windows.split(1):  # one window at a time: paper-size slices
+                    window = window.to(trainer.device, trainer.dtype)
+                    z, _ = enc2d(window.flatten(0, 1))
+                    out.append(decm.decode_center(z.reshape(1, k, *z.shape[1:])).float().cpu())
+                fake = torch.cat(out)
+                rec.append((fake - real).abs().mean())
+                consistency.append(((fake[1:] - fake[:-1]) - (real[1:] - real[:-1])).abs().mean())
+        val_rec, val_cons = float(torch.stack(rec).mean()), float(torch.stack(consistency).mean())
+        return {
+            "val_rec": val_rec,
+            "val_consistency": val_cons,
+            METRIC: val_rec + self.consistency_weight * val_cons,
+        }
+
+
+@dataclass
+class RefinerValidation:
+    """Denoising loss of the refiner's EMA weights on held-out latents; every rank.
+
+    ``slices`` evenly spaced latent slices of each held-out volume, each noised at
+    ``timesteps`` evenly spaced timesteps with noise drawn once from ``seed``: the same inputs
+    at every evaluation and in every trial. ``val_loss`` is the training objective (its value
+    depends on the prediction type); ``val_score`` is the MSE of the implied noise, comparable
+    across prediction types.
+    """
+
+    latents: str
+    ids: tuple[str, ...]
+    condition: str | None = None
+    slices: int = 8
+    timesteps: int = 4
+    seed: int = 0
+    _batch: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def _load(self, cfg: Config, num_train_timesteps: int) -> dict[str, torch.Tensor]:
+        from caldm.data.datasets import LatentDataset
+
+        if not self._batch:
+            # The stage dataset's loader: the cache format, shape checks and label resizing.
+            reader = LatentDataset(self.latents, cfg, "refiner", self.condition)
+            parts: dict[str, list[torch.Tensor]] = {}
+            for sample_id in self.ids:
+                sample = reader._load(sample_id)
+                depth = sample["z_hr"].shape[1]
+                index = np.unique(np.linspace(0, depth - 1, min(self.slices, depth)).round())
+                index = index.astype(np.int64)
+                parts.setdefault("z_hr", []).append(torch.from_numpy(sample["z_hr"][:, index]))
+                parts.setdefault("z_sr", []).append(torch.from_numpy(sample["z_sr"][:, index]))
+                if "label" in sample:
+                    parts.setdefault("label", []).append(torch.from_numpy(sample["label"][index]))
+            batch = {
+                "z_hr": torch.cat([p.movedim(1, 0) for p in parts["z_hr"]]),  # (N, c, H', W')
+                "z_sr": torch.cat([p.movedim(1, 0) for p in parts["z_sr"]]),
+            }
+            if "label" in parts:
+                batch["label"] = torch.cat(parts["label"])
+            m = batch["z_hr"].shape[0]
+            t = torch.linspace(0, num_train_timesteps - 1, self.timesteps).round().long()
+            # Every slice at every timestep: repeat the slices, tile the timesteps.
+            batch = {k: v.repeat_interleave(self.timesteps, 0) for k, v in batch.items()}
+            batch["t"] = t.repeat(m)
+            generator = torch.Generator().manual_seed(self.seed)
+            batch["noise"] = torch.randn(batch["z_hr"].shape, generator=generator)
+            self._batch = batch
+        return self._batch
+
+    @torch.no_grad()
+    def __call__(self, trainer: StageTrainer) -> dict[str, float]:
+        from caldm.diffusion.objective import diffusion_loss
+
+        schedule, scale = trainer.ctx.schedule, trainer.ctx.latent_scale
+        batch = {
+            k: v.to(trainer.device)
+            for k, v in self._load(trainer.cfg, schedule.num_train_timesteps).items()
+        }
+        nets = trainer.ema  # float32 EMA weights: what the stage exports
+        x0, t, noise = batch["z_hr"] * scale, batch["t"], batch["noise"]
+        guide = [batch["z_sr"] * scale]
+        if self.condition:  # no condition dropout: the conditional model is what is sampled
+            guide.append(nets["cond_refiner"](batch["label"]))
+        guide = torch.cat(guide, 1)
+        loss = diffusion_loss(lambda x, tt: nets["refiner"](x, tt, guide), schedule, x0, t, noise)
+        x_t = schedule.add_noise(x0, noise, t)
+        _, eps = schedule.to_x0_eps(nets["refiner"](x_t, t, guide), x_t, t)
+        return {"val_loss": float(loss), METRIC: float(((eps - noise) ** 2).mean())}
+
+
+# ------------------------------------------------------------------------ the sweep
+
+
+@dataclass(frozen=True)
+class SweepRequest:
+    """The arguments of ``tuning/sweep.py``."""
+
+    target: str
+    bundle: str
+    data: str
+    out: str
+    samples: int
+    max_steps: int
+    spaces: str
+    preset: str | None = "tiny"
+    workers_per_trial: int = 1
+    gpus_per_worker: float = 0.0
+    search: str = "random"
+    condition: str | None = None
+    holdout: int = 1
+    eval_every: int | None = None  # default: the preset's train.checkpoint_every
+    overrides: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class SweepPlan:
+    """A checked sweep: what the driver hands to Tune and the trials."""
+
+    req: SweepRequest
+    out: str
+    data: str
+    bundle: str
+    space: dict[str, Domain]
+    base_overrides: list[str]  # the request's --set plus the evaluation cadence
+    holdout_ids: tuple[str, ...]
+    eval_every: int
+
+
+def _sample_ids(target: str, data: str) -> list[str]:
+    if target == "adaptor":
+        return DatasetLayout(data).ids()
+    from caldm.data.datasets import LATENT_SUFFIX
+    from caldm.data.io import list_dir
+
+    names = list_dir(data)
+    return sorted(n[: -len(LATENT_SUFFIX)] for n in names if n.endswith(LATENT_SUFFIX))
+
+
+def check(req: SweepRequest) -> SweepPlan:
+    """Check every input before any trial: target and options, the search space (keys and
+    values), the bundle (what the target loads), the data (volumes, or a latent cache for the
+    refiner) and the held-out split, a train plan of the base config, and ``--out``."""
+    if req.target not in TARGETS:
+        raise ConfigError(f"--target {req.target!r}: choose one of {', '.join(TARGETS)}")
+    if req.search not in SEARCHES:
+        raise ConfigError(f"--search {req.search!r}: choose one of {', '.join(SEARCHES)}")
+    if req.condition and req.target != "refiner":
+        raise ConfigError(f"--condition: only the refiner is label-conditioned, not {req.target}")
+    for name, value in (("--samples", req.samples), ("--max-steps", req.max_steps)):
+        if value < 1:
+            raise ConfigError(f"{name} {value}: need at least 1")
+    if req.holdout < 1:
+        raise ConfigError(f"--holdout {req.holdout}: validation needs at least one volume")
+    out, data, bundle = absolute(req.out), absolute(req.data), absolute(req.bundle)
+    base = load_config(req.preset, None, list(req.overrides))
+    eval_every = req.eval_every or base.train.checkpoint_every
+    base_overrides = [*req.overrides, f"train.checkpoint_every={eval_every}"]
+    space = load_space(req.spaces, req.target, req.preset, base_overrides, req.condition)
+
+    needs = NEEDS[req.target] + (("refiner",) if req.condition else ())
+    what = f"the {req.target} sweep" + (" with --condition" if req.condition else "")
+    require(bundle, needs, what)
+    ids = _sample_ids(req.target, data)
+    if not ids and req.target == "refiner":
+        raise DataError(data, "no latent cache (<id>.safetensors); run jobs/encode_latents.py")
+    if len(ids) <= req.holdout:
+        kind = "volumes" if req.target == "adaptor" else "cached latents"
+        raise DataError(data, f"{len(ids)} {kind}: need more than --holdout {req.holdout}")
+    holdout_ids = tuple(ids[-req.holdout :])  # deterministic: the last ids
+    # The train loop's own checks (bundle model, data, latent stats, labels), without trials.
+    plan(_train_request(req, data, join(out, "trials", "check"), bundle, base_overrides, ()))
+
+    previous = _read_json(join(out, "sweep.json"))
+    identity = _identity(req, bundle, data)
+    if previous is not None and previous.get("identity") != identity:
+        raise ConfigError(
+            f"{join(out, 'sweep.json')}: --out holds another sweep ({previous.get('identity')}); "
+            "choose another --out"
+        )
+    return SweepPlan(req, out, data, bundle, space, base_overrides, holdout_ids, eval_every)
+
+
+def _identity(req: SweepRequest, bundle: str, data: str) -> dict[str, Any]:
+    return {
+        "target": req.target,
+        "preset": req.preset,
+        "condition": req.condition,
+        "bundle": bundle,
+        "data": data,
+    }
+
+
+def _read_json(url: str) -> dict[str, Any] | None:
+    from caldm.data.io import read_bytes, url_exists
+
+    return json.loads(read_bytes(url)) if url_exists(url) else None
+
+
+def _write(url: str, text: str) -> None:
+    from caldm.data.io import write_bytes
+
+    write_bytes(url, text.encode())
+
+
+def _train_request(
+    req: SweepRequest,
+    data: str,
+    out: str,
+    bundle: str | None,
+    overrides: list[str],
+    exclude: tuple[str, ...],
+    **hooks: Any,
+) -> TrainRequest:
+    return TrainRequest(
+        stage=req.target,
+        data=data,
+        out=out,
+        preset=req.preset,
+        bundle=bundle,
+        condition=req.condition,
+        overrides=tuple(overrides),
+        workers=req.workers_per_trial,
+        gpus_per_worker=req.gpus_per_worker,
+        max_steps=req.max_steps,
+        exclude_ids=exclude,
+        **hooks,
+    )
+
+
+def base_bundle(p: SweepPlan) -> str | None:
+    """The bundle every trial starts from: only what the target loads (so the trained
+    modules start fresh with each trial's shape and initialisation), written once to
+    ``<out>/base_bundle``; None when a trial needs nothing (the unconditional refiner)."""
+    from caldm.bundle import save_bundle
+
+    needs = NEEDS[p.req.target] + (("refiner",) if p.req.condition else ())
+    if not needs:
+        return None
+    url = join(p.out, "base_bundle")
+    if _read_json(join(url, "bundle.json")) is None:
+        src, meta = load_bundle(p.bundle, needs), read_meta(p.bundle)
+        keep = ("latent_scale", "num_classes", "conditioned")
+        save_bundle(
+            url,
+            src.cfg,
+            src.modules,
+            condition=meta.get("condition"),
+            num_classes=meta.get("num_classes"),
+            meta_update={k: meta[k] for k in keep if k in meta},
+        )
+    return url
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a sweep shares (shipped to the trial actors by Tune)."""
+
+    req: SweepRequest
+    data: str
+    out: str
+    bundle: str | None
+    base_overrides: tuple[str, ...]
+    holdout_ids: tuple[str, ...]
+    evaluate: Callable[[StageTrainer], dict[str, float]]
+    tracking_uri: str
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune function trainable: one stage run with the trial's values.
+
+    The run lives in ``<out>/trials/<trial_id>`` under a fixed Ray Train name, so a resumed
+    sweep restarts an unfinished trial from its newest checkpoint.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from caldm.distributed.train import train
+
+    context = tune.get_context()
+    # One MLflow database for the sweep; forwarded to the train workers with MLFLOW_*.
+    os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
+    request = _train_request(
+        setup.req,
+        setup.data,
+        join(setup.out, "trials", context.get_trial_id()),
+        setup.bundle,
+        [*setup.base_overrides, *overrides_of(config)],
+        setup.holdout_ids,
+        evaluate=setup.evaluate,
+        callbacks=(TuneReportCallback(),),
+        experiment=f"caldm-sweep-{setup.req.target}",
+        run_name=context.get_trial_name(),
+    )
+    train(request)
+
+
+def max_concurrent_trials(cluster_gpus: float, workers: int, gpus_per_worker: float) -> int:
+    """Trials that fit on the cluster's GPUs at once; one at a time without GPUs."""
+    if cluster_gpus <= 0 or gpus_per_worker <= 0:
+        return 1
+    return max(1, int(cluster_gpus // (workers * gpus_per_worker)))
+
+
+@dataclass
+class SweepResult:
+    best_config: str  # <out>/best.yaml
+    trials_csv: str  # <out>/trials.csv
+    best_trial: str
+    best_score: float
+    trials: list[dict[str, Any]]
+
+
+def sweep(req: SweepRequest) -> SweepResult:
+    """Check, run (or resume) the sweep, write ``best.yaml`` and ``trials.csv``."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from caldm.distributed.tracking import tracking_uri
+    from caldm.distributed.train import ensure_ray
+
+    p = check(req)
+    record = {"identity": _identity(req, p.bundle, p.data), "request": req.__dict__}
+    _write(join(p.out, "sweep.json"), json.dumps(record, indent=1))
+    if req.target == "adaptor":
+        evaluate: Any = AdaptorValidation(p.data, p.holdout_ids)
+    else:
+        evaluate = RefinerValidation(p.data, p.holdout_ids, req.condition, seed=req.seed)
+    setup = TrialSetup(
+        req=req,
+        data=p.data,
+        out=p.out,
+        bundle=base_bundle(p),
+        base_overrides=tuple(p.base_overrides),
+        holdout_ids=p.holdout_ids,
+        evaluate=evaluate,
+        tracking_uri=tracking_uri(p.out),
+    )
+    ensure_ray()
+    trainable = tune.with_parameters(run_trial, setup=setup)
+    storage_path, storage_fs = _storage(p.out)
+    experiment = join(p.out, req.target)
+    if tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
+        log.warning("resuming the sweep in %s", experiment)
+        tuner = tune.Tuner.restore(
+            experiment, trainable, resume_errored=True, storage_filesystem=storage_fs
+        )
+    else:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        concurrency = max_concurrent_trials(gpus, req.workers_per_trial, req.gpus_per_worker)
+        if req.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg: Any = OptunaSearch(seed=req.seed)
+        else:
+            from ray.tune.search.basic_variant import BasicVariantGenerator
+
+            # Tune applies max_concurrent_trials to Searchers only; this one limits itself.
+            search_alg = BasicVariantGenerator(random_state=req.seed, max_concurrent=concurrency)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={key: d.to_tune() for key, d in p.space.items()},
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="min",
+                num_samples=req.samples,
+                search_alg=search_alg,
+                scheduler=ASHAScheduler(
+                    time_attr="step",
+                    # One past the last step: ASHA stops a trial that reaches max_t, which
+                    # would cut off the run's bundle export and summary after its last report.
+                    max_t=req.max_steps + 1,
+                    grace_period=min(p.eval_every, req.max_steps),
+                ),
+                max_concurrent_trials=concurrency if req.search == "optuna" else None,
+                trial_dirname_creator=_trial_dirname,
+                # A trial's driver only starts a TorchTrainer: reusing its process between
+                # trials saves a Python start with torch imported (seconds per trial).
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=req.target,  # fixed: a rerun finds the experiment and resumes it
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+            ),
+        )
+    results = tuner.fit()
+    return _write_outputs(p, results)
+
+
+def _write_outputs(p: SweepPlan, results: Any) -> SweepResult:
+    from caldm.config import save_config
+
+    rows: list[dict[str, Any]] = []
+    for result in results:
+        metrics = result.metrics or {}
+        row = {
+            "trial_id": _trial_id(result),
+            "status": _status(result, p.req.max_steps),
+            "step": metrics.get("step"),
+            METRIC: metrics.get(METRIC),
+        }
+        row.update(
+            {k: metrics[k] for k in ("val_rec", "val_consistency", "val_loss") if k in metrics}
+        )
+        # Searched values as YAML text (epsilon, null, [0, 1]), as --set takes them.
+        row.update({k: _cell(decode(v)) for k, v in sorted((result.config or {}).items())})
+        row["error"] = _root_cause(result.error) if result.error else ""
+        rows.append(row)
+    rows.sort(key=lambda r: r["trial_id"])  # Tune's order changes on restore
+    scored = [r for r in rows if r[METRIC] is not None]
+    if not scored:
+        first = next((r["error"] for r in rows if r["error"]), "no trial reported a metric")
+        raise SweepFailed(f"{p.out}: no trial of the {p.req.target} sweep finished ({first})")
+    best = results.get_best_result(metric=METRIC, mode="min", scope="last")
+    # The full config: preset, the request's --set and the best values (not the sweep's
+    # short max_steps or evaluation cadence: best.yaml is for the real run).
+    cfg = load_config(p.req.preset, None, [*p.req.overrides, *overrides_of(best.config)])
+    cfg.stage = p.req.target
+    best_yaml, trials_csv = join(p.out, "best.yaml"), join(p.out, "trials.csv")
+    save_config(cfg, best_yaml)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write(trials_csv, buffer.getvalue())
+    best_id = _trial_id(best)
+    return SweepResult(best_yaml, trials_csv, best_id, best.metrics[METRIC], rows)
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _status(result: Any, max_steps: int) -> str:
+    """error, stopped (by ASHA, before max_steps) or done."""
+    if result.error:
+        return "error"
+    return "done" if (result.metrics or {}).get("step", 0) >= max_steps else "stopped"
+
+
+def _trial_id(result: Any) -> str:
+    return result.path.rstrip("/").rsplit("/", 1)[-1]  # trial dirs are named by trial id
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id

@@ -103,7 +103,8 @@ def encode_latents(bundle: str, data: str, out: str, concurrency: int | None = N
     from caldm.data.datasets import write_latent_source
     from caldm.data.io import write_bytes
     from caldm.data.layout import DatasetLayout
-    from caldm.distributed.train import absolute, ensure_ray
+    from caldm.distributed.cluster import ensure_ray
+    from caldm.distributed.train import absolute
 
     bundle, data, out = absolute(bundle), absolute(data), absolute(out)
     require(bundle, NEEDS, "encoding latents (the trained NHAE and slice encoder)")

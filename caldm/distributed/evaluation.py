@@ -114,15 +114,6 @@ class PlaneFeatures:
         return batch
 
 
-def _ensure_ray() -> Any:
-    import ray
-
-    if not ray.is_initialized():
-        # Connects to RAY_ADDRESS when set (a cluster or `ray job submit`), else starts locally.
-        ray.init()
-    return ray
-
-
 def _gpu_actors(ray: Any, num_gpus: int | None) -> int:
     available = int(ray.cluster_resources().get("GPU", 0))
     if num_gpus is None:
@@ -154,7 +145,9 @@ def compute_report(
     # Fail on bad weights on the driver, before any cluster work; the name goes in the report.
     _, extractor = build_fid_inception(inception_weights)
 
-    ray = _ensure_ray()
+    from caldm.distributed.cluster import ensure_ray
+
+    ray = ensure_ray()
     items = [
         {"set": name, "id": sample_id, "url": url}
         for name in SETS

@@ -459,16 +459,6 @@ def _caldm_cause(exc: BaseException) -> CaldmError | None:
     return None
 
 
-def _ensure_ray() -> Any:
-    import ray
-
-    if not ray.is_initialized():
-        # RAY_ADDRESS when set (a cluster, `ray job submit`), else a cluster started on this
-        # machine, else a new local one.
-        ray.init(log_to_driver=False)
-    return ray
-
-
 class _Progress:
     """A tqdm bar plus a plain line every ``every`` seconds: done/total and volumes per minute."""
 
@@ -567,7 +557,9 @@ def _run(
     log: Callable[[str], None],
     report: GenerateReport,
 ) -> None:
-    ray = _ensure_ray()
+    from caldm.distributed.cluster import ensure_ray
+
+    ray = ensure_ray(log_to_driver=False)
     cpus = float(ray.cluster_resources().get("CPU", 0))
     if workers * cpus_per_worker + 0.5 > cpus:
         # Writer tasks need CPU too; with none left the actors' output piles up unwritten.

@@ -540,8 +540,8 @@ def sweep(req: SweepRequest) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from caldm.distributed.cluster import ensure_ray
     from caldm.distributed.tracking import tracking_uri
-    from caldm.distributed.train import ensure_ray
 
     p = check(req)
     record = {"identity": _identity(req, p.bundle, p.data), "request": req.__dict__}

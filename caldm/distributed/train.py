@@ -41,6 +41,7 @@ from caldm.bundle import bundle_modules, load_module, read_bundle_config, read_m
 from caldm.bundle import save_bundle as _save_bundle
 from caldm.config import Config, load_config
 from caldm.diffusion.schedule import NoiseSchedule
+from caldm.distributed.cluster import ensure_ray
 from caldm.errors import BundleError, CaldmError, ConfigError, DataError
 from caldm.nn.factory import build
 from caldm.nn.losses import HybridLoss
@@ -721,15 +722,6 @@ def _root_cause(exc: BaseException) -> str:
         if re.match(r"^[\w.]*(Error|Exception|Failed)\b.*:", line):
             return line
     return lines[-1] if lines else type(exc).__name__
-
-
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (set by ``ray job submit``), else start a local
-    Ray: never silently join some other cluster that happens to run on this machine."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
 
 
 def train(req: TrainRequest) -> dict[str, Any]:

@@ -501,8 +501,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     from caldm.distributed.train import train
 
     context = tune.get_context()
-    # One MLflow database for the sweep; forwarded to the train workers with MLFLOW_*.
-    os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
     request = _train_request(
         setup.req,
         setup.data,
@@ -515,7 +513,17 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         experiment=f"caldm-sweep-{setup.req.target}",
         run_name=context.get_trial_name(),
     )
-    train(request)
+    # One MLflow database for the sweep, forwarded to the train workers with MLFLOW_*; set
+    # only for this call, since the process may be reused for other work afterwards.
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
+    try:
+        train(request)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def max_concurrent_trials(cluster_gpus: float, workers: int, gpus_per_worker: float) -> int:

@@ -68,3 +68,15 @@ def test_info_command(flag: list[str]) -> None:
         }
     else:
         assert "diff3d" in out and "parameters" in out
+
+
+def test_bench_memory_command_json() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "caldm", "bench", "memory", "--preset", "tiny", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    report = json.loads(out)
+    assert set(report["train"]) == set(STAGES)
+    assert all(v > 0 for v in report["train"].values()) and report["sample"] > 0

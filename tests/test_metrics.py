@@ -309,3 +309,19 @@ def test_evaluate_job_end_to_end(
     )
     artifacts = mlflow.artifacts.list_artifacts(run_id=runs["run_id"].iloc[0])
     assert [a.path for a in artifacts] == ["preview.png"]
+
+
+def test_start_run_leaves_no_tracking_uri_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow exports the URI to os.environ; a later job (and the Ray workers it forwards
+    MLFLOW_* to) must still choose its own store."""
+    import os
+
+    from caldm.distributed import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.start_run(str(tmp_path / "a"), "exp", "run"):
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith("a/mlflow.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert tracking.tracking_uri(str(tmp_path / "b")).endswith("b/mlflow.db")

@@ -68,17 +68,24 @@ def start_run(
     import mlflow
 
     uri = tracking_uri(out)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-        # Another job may create it first; set_experiment below then finds theirs.
-        with contextlib.suppress(mlflow.exceptions.MlflowException):
-            mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name) as run:
-        if params:
-            mlflow.log_params(flatten_params(params))
-        yield run
+    try:
+        if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
+            artifacts = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+            # Another job may create it first; set_experiment below then finds theirs.
+            with contextlib.suppress(mlflow.exceptions.MlflowException):
+                mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=run_name) as run:
+            if params:
+                mlflow.log_params(flatten_params(params))
+            yield run
+    finally:
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI to os.environ (for subprocesses):
+        # undo that, or every later job of this process, and the Ray workers it forwards
+        # MLFLOW_* to, would log into this job's database.
+        mlflow.set_tracking_uri(previous)
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:

@@ -20,9 +20,11 @@ the generated dataset skip what is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +108,7 @@ def _profile_png(real: np.ndarray, synthetic: np.ndarray, url: str) -> None:
     write_bytes(url, buf.getvalue())
 
 
-def run_pipeline(
+def _run_path(
     out: str,
     data: str | None = None,
     heldout: str | None = None,
@@ -120,7 +122,7 @@ def run_pipeline(
     condition: str = "layers",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or resume) the whole path; returns the final report (also ``<out>/report.json``).
+    """The body of :func:`run_pipeline`.
 
     Without ``data`` a phantom dataset of ``count`` training volumes and ``max(2, count // 4)``
     held-out volumes is written first. With ``data`` and no ``heldout``, the report compares
@@ -216,3 +218,31 @@ def run_pipeline(
         f"TV synthetic/real {report['tv_ratio']:.2f}, depth-profile correlation {corr:.3f}"
     )
     return report
+
+
+@contextlib.contextmanager
+def _one_tracking_store(out: str) -> Iterator[None]:
+    """One MLflow database for the whole path (else one per stage run), unless the user chose
+    one; Ray workers receive it like every MLFLOW_* variable."""
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        yield
+        return
+    from caldm.distributed.tracking import tracking_uri
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(out)
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def run_pipeline(out: str, **kwargs: Any) -> dict[str, Any]:
+    """Run (or resume) the whole path; returns the final report (also ``<out>/report.json``).
+
+    Keyword arguments: ``data``, ``heldout``, ``preset``, ``count``, ``per_label``,
+    ``steps_scale``, ``sampling_steps``, ``workers``, ``gpus_per_worker``, ``condition``,
+    ``log`` (see the module docstring). Without ``data`` a phantom dataset of ``count``
+    training volumes and ``max(2, count // 4)`` held-out volumes is written first.
+    """
+    with _one_tracking_store(out):
+        return _run_path(out, **kwargs)

@@ -301,13 +301,15 @@ def test_evaluate_job_end_to_end(
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{out.parent}/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["evaluate"])
-    assert runs["metrics.intra_fid"].iloc[0] == pytest.approx(report["intra_fid"])
-    assert runs["metrics.tv.synthetic.mean"].iloc[0] == pytest.approx(
+    # a client of its own: mlflow.set_tracking_uri would export the URI to os.environ and
+    # send every later job of this test session into this database
+    client = mlflow.MlflowClient(f"sqlite:///{out.parent}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("evaluate").experiment_id])
+    assert run.data.metrics["intra_fid"] == pytest.approx(report["intra_fid"])
+    assert run.data.metrics["tv.synthetic.mean"] == pytest.approx(
         report["tv"]["synthetic"]["mean"]
     )
-    artifacts = mlflow.artifacts.list_artifacts(run_id=runs["run_id"].iloc[0])
+    artifacts = client.list_artifacts(run.info.run_id)
     assert [a.path for a in artifacts] == ["preview.png"]
 
 
@@ -324,4 +326,5 @@ def test_start_run_leaves_no_tracking_uri_behind(
     with tracking.start_run(str(tmp_path / "a"), "exp", "run"):
         assert os.environ["MLFLOW_TRACKING_URI"].endswith("a/mlflow.db")
     assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
     assert tracking.tracking_uri(str(tmp_path / "b")).endswith("b/mlflow.db")

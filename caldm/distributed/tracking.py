@@ -69,6 +69,7 @@ def start_run(
 
     uri = tracking_uri(out)
     previous = os.environ.get("MLFLOW_TRACKING_URI")
+    previous_experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
     mlflow.set_tracking_uri(uri)
     try:
         if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
@@ -86,6 +87,10 @@ def start_run(
         # undo that, or every later job of this process, and the Ray workers it forwards
         # MLFLOW_* to, would log into this job's database.
         mlflow.set_tracking_uri(previous)
+        if previous_experiment is None:  # set_experiment exports its id the same way
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = previous_experiment
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from caldm.config import Config
 from caldm.data.preprocess import from_unit_range, resize
-from caldm.diffusion.samplers import DDIM, make_sampler
+from caldm.diffusion.samplers import make_sampler, sample_loop
 from caldm.diffusion.schedule import NoiseSchedule
 from caldm.errors import CaldmError, DataError
 from caldm.nn.nets.dec_m import DecM
@@ -399,24 +399,18 @@ class CALDMPipeline:
             guide = torch.cat([*parts, zero if cond is None else cond.float()], 1)
             if cond is not None and scale != 1.0:
                 unguided = torch.cat([*parts, zero], 1)
-        ts = sampler.timesteps(steps).tolist()
-        state = None
-        for i, t in enumerate(ts):
-            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-            t_batch = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
-            out = model(x.to(self.dtype), t_batch, guide).float()
+
+        def predict(x_t: torch.Tensor, t_batch: torch.Tensor) -> torch.Tensor:
+            out = model(x_t.to(self.dtype), t_batch, guide).float()
             if unguided is not None:
-                base = model(x.to(self.dtype), t_batch, unguided).float()
+                base = model(x_t.to(self.dtype), t_batch, unguided).float()
                 out = base + scale * (out - base)
-            if isinstance(sampler, DDIM) and sampler.eta > 0:
-                # fresh noise per item from its own stream: independent of the batching
-                noise = [torch.randn(x.shape[1:], generator=g) for g in generators]
-                x, state = sampler.step(out, t, t_prev, x, state, noise=torch.stack(noise).to(x))
-            else:
-                x, state = sampler.step(out, t, t_prev, x, state)
-            if on_step is not None:
-                on_step(1)
-        return x
+            return out
+
+        def fresh_noise() -> torch.Tensor:  # per item, from its own stream: batch-independent
+            return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
+
+        return sample_loop(predict, sampler, x, steps, noise=fresh_noise, on_step=on_step)
 
 
 # ---------------------------------------------------------------------- memory accounting

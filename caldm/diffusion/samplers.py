@@ -132,13 +132,26 @@ def sample_loop(
     generator: torch.Generator | None = None,
     progress: bool = False,
     desc: str = "denoise",
+    noise: Callable[[], torch.Tensor] | None = None,
+    on_step: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
-    """Run the reverse process from ``x_T``; ``model(x_t, t_batch)`` returns the prediction."""
+    """Run the reverse process from ``x_T``; ``model(x_t, t_batch)`` returns the prediction.
+
+    A stochastic sampler (DDIM with ``eta > 0``) draws each step's fresh noise from
+    ``noise()`` when given (a caller can then derive every item's noise from its own seed,
+    independent of batching), else from ``generator``. ``on_step(1)`` follows every step.
+    """
     ts = sampler.timesteps(steps).tolist()
+    stochastic = noise is not None and getattr(sampler, "eta", 0.0) > 0
     x, state = x_T, None
     for i, t in enumerate(tqdm(ts, desc=desc, disable=not progress, leave=False)):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         out = model(x, t_batch)
-        x, state = sampler.step(out, t, t_prev, x, state, generator)
+        if stochastic:
+            x, state = sampler.step(out, t, t_prev, x, state, noise=noise().to(x))
+        else:
+            x, state = sampler.step(out, t, t_prev, x, state, generator)
+        if on_step is not None:
+            on_step(1)
     return x

@@ -206,10 +206,24 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
+class AugmentConfig(_Strict):
+    """Joint latent + label augmentation of the label-conditioned diffusion fine-tunes, so that
+    the label, not the training set's typical anatomy, decides where the retina lies. Latents
+    move by whole latent pixels (convolutions are shift-equivariant: a latent moved by one
+    pixel is the latent of the image moved by one latent pixel's worth), the label by the same
+    full-resolution distance. Flips are off: the trained autoencoders are not mirror-symmetric,
+    so a mirrored latent is not the latent of the mirrored image."""
+
+    shift: float = 0.15  # largest shift along depth (H'), as a fraction of the depth; 0 = off
+    flip_w: bool = False  # mirror along W
+    flip_d: bool = False  # mirror along D (diff3d only: the refiner sees single slices)
+
+
 class DataConfig(_Strict):
     slices_per_volume: int = 1  # nhae: full-resolution slices reconstructed per volume
     skip_bad_volumes: bool = True  # log and skip unreadable volumes during training
     num_workers: int = 2  # per-worker loader processes
+    augment: AugmentConfig = AugmentConfig()  # conditioned diffusion stages only
 
 
 class Config(_Strict):

@@ -13,9 +13,10 @@ Randomness: the Diff3D noise comes from ``(seed, 0)``, the noise of refined slic
 
 Label guidance: a bundle trained with ``--condition layers|vessels`` has condition encoders
 (``cond_diff3d``, ``cond_refiner``) whose features are concatenated to the diffusion inputs.
-Labels of any size are resized to the preset's image shape with nearest neighbour, as training
-data are. Without labels a conditioned bundle samples unconditionally (zero condition features,
-the case condition dropout trained). ``guidance_scale > 1`` adds classifier-free guidance.
+Labels of any size are reduced from their own resolution to class fractions on the encoders'
+grids (:func:`caldm.data.labels.prepare_labels`), as training labels are. Without labels a
+conditioned bundle samples unconditionally (zero condition features, the case condition
+dropout trained). ``guidance_scale > 1`` adds classifier-free guidance.
 
 :func:`account_sampling` runs this same code on the meta device to count peak memory.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -34,10 +34,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from caldm.config import Config
-from caldm.data.preprocess import from_unit_range, resize
+from caldm.data.labels import PreparedLabels, prepare_labels
+from caldm.data.preprocess import from_unit_range
 from caldm.diffusion.samplers import make_sampler, sample_loop
 from caldm.diffusion.schedule import NoiseSchedule
-from caldm.errors import CaldmError, DataError
+from caldm.errors import CaldmError
 from caldm.nn.nets.dec_m import DecM
 from caldm.streaming import ArraySink, DecodeMode, NiftiSink, Sink, SliceDecoder
 
@@ -53,72 +54,6 @@ def _generator(seed: int, *path: int) -> torch.Generator:
     """A CPU generator for one random stream of a volume: ``(seed, stream[, slice])``."""
     state = np.random.SeedSequence([seed, *path]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def _nearest_floor(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour resize with ``F.interpolate(mode="nearest")``'s indexing.
-
-    The condition encoders start with that interpolation to twice their latent grid; doing it
-    here, on the host, means a full-resolution label never reaches the device and the encoder's
-    own interpolation becomes the identity, with bit-identical results.
-    """
-    index = [
-        np.minimum(np.floor(np.arange(m) * (n / m)).astype(np.int64), n - 1)
-        for n, m in zip(array.shape, shape)
-    ]
-    return array[np.ix_(*index)]
-
-
-@dataclass
-class PreparedLabels:
-    """A label reduced on the host for both condition encoders."""
-
-    diff3d: np.ndarray  # layers (2D', 2H', 2W') or vessels (2D', 2W')
-    refiner: np.ndarray  # one row per slice: layers (D, 2H', 2W') or vessels (D, 2W')
-
-
-def prepare_labels(
-    labels: np.ndarray,
-    kind: str,
-    cfg: Config,
-    source: str = "labels",
-    num_classes: int | None = None,
-) -> PreparedLabels:
-    """Check a label map against the bundle's condition kind and reduce it for the encoders.
-
-    ``layers``: a (D, H, W) class map with values below ``num_classes`` (default: the
-    config's ``layer_classes``); ``vessels``: an en-face (D, W) artery/vein map. Any size is
-    accepted and resized (nearest) to the preset's image shape first. Errors are
-    :class:`DataError` naming ``source``.
-    """
-    labels = np.asarray(labels)
-    m = cfg.model
-    d, h, w = m.image_shape
-    want = (d, h, w) if kind == "layers" else (d, w)
-    if labels.ndim != len(want):
-        layout = "D x H x W layer map" if kind == "layers" else "D x W en-face vessel map"
-        raise DataError(
-            source,
-            f"the bundle is guided by {kind} labels: expected a {layout}, got shape {labels.shape}",
-        )
-    if labels.dtype.kind not in "iub":
-        raise DataError(source, f"label values must be integers, got {labels.dtype}")
-    classes = (num_classes or m.condition.layer_classes) if kind == "layers" else 3
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise DataError(
-            source, f"{kind} label values must be in 0..{classes - 1}, got up to {labels.max()}"
-        )
-    labels = resize(labels.astype(np.uint8), want, order="nearest")
-    _, dl, hl, wl = m.latent_shape
-    _, hs, ws = m.slice_latent_shape
-    if kind == "layers":
-        return PreparedLabels(
-            _nearest_floor(labels, (2 * dl, 2 * hl, 2 * wl)),
-            _nearest_floor(labels, (d, 2 * hs, 2 * ws)),
-        )
-    return PreparedLabels(
-        _nearest_floor(labels, (2 * dl, 2 * wl)), _nearest_floor(labels, (d, 2 * ws))
-    )
 
 
 class CALDMPipeline:
@@ -365,8 +300,9 @@ class CALDMPipeline:
         encoder = self.modules.get(f"cond_{name}")
         if encoder is None or labels is None:
             return None
-        label = torch.from_numpy(np.ascontiguousarray(getattr(labels, name))).to(self.device)
-        return encoder(pick(label))
+        # pick on the host: the refiner's rows for all D slices stay off the device
+        label = pick(torch.from_numpy(getattr(labels, name)))
+        return encoder(label.to(self.device))
 
     def _denoise(
         self,

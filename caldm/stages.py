@@ -254,9 +254,12 @@ def example_batch(
         batch = {"z_sr": rnd(b, c, hl, wl), "z_hr": rnd(b, c, hl, wl)}
     else:
         raise ValueError(f"unknown stage {stage!r}")
-    if condition:
-        full = (d, h, w) if condition == "layers" else (d, w)
-        shape = full if stage == "diff3d" else full[1:]
-        hi = m.condition.layer_classes if condition == "layers" else 3
-        batch["label"] = torch.randint(0, hi, (b, *shape), device=device)
+    if condition:  # class fractions on the encoder's grid (caldm.data.labels.reduce_label)
+        from caldm.data.labels import encoder_grid, num_label_classes
+
+        grid = encoder_grid(cfg, condition, stage)
+        grid = grid if stage == "diff3d" else grid[1:]
+        classes = num_label_classes(condition, m.condition.layer_classes)
+        logits = torch.randn(b, classes, *grid, device=device)
+        batch["label"] = logits.softmax(1).to(dtype)
     return batch

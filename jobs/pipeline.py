@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sampling-steps", type=int, default=None, help="denoising steps")
     p.add_argument("--condition", choices=("layers", "vessels"), default="layers")
+    p.add_argument(
+        "--layer-classes",
+        type=int,
+        default=9,
+        help="layer classes of the phantom's labels (no --data; with --data: from its labels)",
+    )
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     return p
@@ -58,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             gpus_per_worker=args.gpus_per_worker,
             condition=args.condition,
+            layer_classes=args.layer_classes,
         )
     except CaldmError as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)

@@ -32,6 +32,7 @@ from caldm.data.io import (
     write_bytes,
     write_volume,
 )
+from caldm.data.labels import load_label
 from caldm.data.layout import DatasetLayout
 from caldm.data.phantom import LAYER_NAMES, write_phantom_dataset
 from caldm.data.preprocess import resize
@@ -39,7 +40,6 @@ from caldm.distributed.generate import (
     Provenance,
     complete_samples,
     generate_dataset,
-    load_label,
     sample_seed,
 )
 from caldm.errors import ConfigError

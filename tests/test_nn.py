@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from caldm.config import preset
+from caldm.data.labels import reduce_label
 from caldm.nn.factory import MODULES, build, model_info
 from caldm.nn.nets.dec_m import DecM
 from caldm.nn.nets.diffusion_unet import widen_input
@@ -117,7 +118,10 @@ def test_condition_encoders_land_on_the_latent_grid(kind: str) -> None:
     ):
         enc = build(name, TINY, condition=kind, num_classes=9)
         label = torch.randint(0, 9 if kind == "layers" else 3, (2, *label_shape))
-        feats = enc(label)
+        grid2 = tuple(2 * g for g in enc.label_grid)
+        feats = enc(torch.stack([reduce_label(x, kind, grid2, 9) for x in label]))
+        with pytest.raises(ValueError, match="class fractions"):
+            enc(label)  # a raw class map is refused: labels are reduced first
         assert tuple(feats.shape) == (2, m.condition.channels, *grid)
         feats.square().mean().backward()
 

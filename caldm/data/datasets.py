@@ -17,8 +17,8 @@ epochs); otherwise its DataError propagates.
 | BScanDataset | ae2d | image (1, H, W) |
 | ThumbnailSliceDataset | nhae | thumbnail (1, Dt, Ht, Wt), slices (S, 1, H, W), index (S,) long |
 | SliceWindowDataset | adaptor | window (k, 1, H, W): slices i-k//2 .. i+k//2, edges replicated |
-| LatentDataset diff3d | diff3d | z (c, D', H', W') [+ label] |
-| LatentDataset refiner | refiner | z_sr (c, H', W'), z_hr (c, H', W') of one slice i [+ label] |
+| LatentDataset diff3d | diff3d | z (c, D', H', W') [+ label: class fractions (C, 2D', 2H', 2W')] |
+| LatentDataset refiner | refiner | z_sr, z_hr (c, H', W') of one slice i [+ label (C, 2H', 2W')] |
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from caldm.config import Config
 from caldm.data.io import list_dir, read_bytes, read_label, read_volume, write_bytes
+from caldm.data.labels import check_label, encoder_grid, reduce_label
 from caldm.data.layout import DatasetLayout
 from caldm.data.preprocess import resize, thumbnail, to_unit_range
 from caldm.errors import DataError
@@ -199,9 +200,11 @@ class LatentDataset(_ShardedStream):
     """diff3d / refiner: cached latents, optionally with a layer or vessel label.
 
     Latents are ``<latents_root>/<id>.safetensors`` holding ``z``, ``z_sr`` and ``z_hr``.
-    Labels come from ``data_root`` (default: ``"data"`` in ``<latents_root>/source.json``) and
-    are resized (nearest) to ``cfg.model.image_shape``: layers are int64 (D, H, W) for diff3d
-    and slice i (H, W) for the refiner; vessels are (D, W) and row i (W,).
+    Labels come from ``data_root`` (default: ``"data"`` in ``<latents_root>/source.json``), are
+    checked against ``cfg.model.condition.layer_classes`` and reduced from their own resolution
+    to the class fractions the condition encoder reads (:mod:`caldm.data.labels`): layers
+    ``(C, 2D', 2H', 2W')`` for diff3d and ``(C, 2H', 2W')`` of slice i for the refiner; vessels
+    without the H' axis.
     """
 
     def __init__(
@@ -257,29 +260,56 @@ class LatentDataset(_ShardedStream):
             if not np.isfinite(tensors[key]).all():
                 raise DataError(url, f"{key} contains NaN or Inf values")
         if self.condition is not None and self.layout is not None:
-            d, h, w = model.image_shape
-            label = read_label(self.layout.label_url(self.condition, sample_id), self.condition)
-            shape = (d, h, w) if self.condition == "layers" else (d, w)
-            tensors["label"] = resize(label, shape, order="nearest").astype(np.int64)
+            url = self.layout.label_url(self.condition, sample_id)
+            classes = model.condition.layer_classes
+            label = check_label(read_label(url, self.condition), self.condition, url, classes)
+            grid = encoder_grid(self.cfg, self.condition, self.kind)
+            tensors["label"] = reduce_label(label, self.condition, grid, classes)
         return tensors
 
+    def _augment(self, item: dict[str, np.ndarray], rng: np.random.Generator) -> Item:
+        """Move latents and label together (``cfg.data.augment``), then make tensors.
+
+        Latents are ``(c, [D,] H', W')``, the label ``(C, [D,] 2H', 2W')`` (vessels: no H);
+        a shift of s latent rows moves the label by the same depth. Edges are replicated (the
+        rows entering are vitreous or sclera, like the rows they copy).
+        """
+        aug = self.cfg.data.augment
+        if "label" in item:
+            latent_h = item["z" if "z" in item else "z_hr"].shape[-2]
+            most = int(round(aug.shift * latent_h))
+            s = int(rng.integers(-most, most + 1)) if most else 0
+            flip_w = aug.flip_w and rng.random() < 0.5
+            flip_d = aug.flip_d and self.kind == "diff3d" and rng.random() < 0.5
+            layers = self.condition == "layers"
+            for key, array in item.items():
+                is_label = key == "label"
+                if s and (layers or not is_label):
+                    factor = array.shape[-2] // latent_h if is_label else 1
+                    array = _shift_rows(array, s * factor)
+                if flip_w:
+                    array = array[..., ::-1]
+                if flip_d:
+                    array = array[:, ::-1]
+                item[key] = array
+        return {k: _tensor(v.astype(np.float32, copy=False)) for k, v in item.items()}
+
     def _items(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> Iterator[Item]:
+        keep = ("label",) if "label" in sample else ()
         if self.kind == "diff3d":
-            item = {"z": _tensor(sample["z"].astype(np.float32))}
-            if "label" in sample:
-                item["label"] = _tensor(sample["label"])
-            yield item
+            yield self._augment({k: sample[k] for k in ("z", *keep)}, rng)
             return
         depth = sample["z_sr"].shape[1]
         n = self.cfg.data.slices_per_volume
         for i in rng.choice(depth, size=n, replace=n > depth):
-            item = {
-                "z_sr": _tensor(sample["z_sr"][:, i].astype(np.float32)),
-                "z_hr": _tensor(sample["z_hr"][:, i].astype(np.float32)),
-            }
-            if "label" in sample:
-                item["label"] = _tensor(sample["label"][i])
-            yield item
+            yield self._augment({k: sample[k][:, i] for k in ("z_sr", "z_hr", *keep)}, rng)
+
+
+def _shift_rows(array: np.ndarray, s: int) -> np.ndarray:
+    """``array`` moved by ``s`` along its second-to-last axis (down for s > 0), edges replicated."""
+    n = array.shape[-2]
+    index = np.clip(np.arange(n) - s, 0, n - 1)
+    return np.take(array, index, axis=-2)
 
 
 def num_layer_classes(root: str, max_files: int = 3) -> int:

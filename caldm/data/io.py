@@ -185,15 +185,18 @@ def read_label(
     url: str,
     kind: LabelKind,
     expect_shape: tuple[int, int, int] | None = None,
-) -> np.ndarray:
-    """Read a label map as uint8.
+    with_spacing: bool = False,
+) -> Any:
+    """Read a label map as uint8; with ``with_spacing``: ``(array, mm per voxel of each axis)``.
 
     ``layers``: D x H x W, one class per voxel. ``vessels``: the en-face map D x W
     (0 background, 1 artery, 2 vein), stored as a 2D NIfTI; a D x 1 x W volume is accepted too.
     ``expect_shape`` is the image's D x H x W; a label that does not match it is a DataError.
+    Voxel sizes and checks against a model: :mod:`caldm.data.labels`.
     """
-    array, _ = _decode_nifti(url, read_bytes(url))
+    array, affine = _decode_nifti(url, read_bytes(url))
     _check_values(url, array)
+    sizes = [float(z) for z in nib.affines.voxel_sizes(affine)]
     if kind == "layers":
         array = _drop_trailing_singletons(array, 3)
         want = expect_shape
@@ -201,6 +204,7 @@ def read_label(
         array = _drop_trailing_singletons(array, 2)
         if array.ndim == 3 and array.shape[1] == 1:
             array = array[:, 0, :]
+            sizes = [sizes[0], sizes[2]]
         want = (expect_shape[0], expect_shape[2]) if expect_shape is not None else None
     else:
         raise DataError(url, f"unknown label kind {kind!r}; expected 'layers' or 'vessels'")
@@ -215,7 +219,7 @@ def read_label(
         if array.size and (array.min() < 0 or array.max() > 255 or np.any(array % 1)):
             raise DataError(url, f"{kind} label values must be integers in 0..255")
         array = array.astype(np.uint8)
-    return array
+    return (array, tuple(sizes[: array.ndim])) if with_spacing else array
 
 
 def encode_nifti(array: np.ndarray, affine: np.ndarray | None = None, gz: bool = True) -> bytes:

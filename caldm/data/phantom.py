@@ -33,6 +33,10 @@ _SPECKLE = 0.3  # relative standard deviation of the multiplicative speckle
 _NOISE_FLOOR = 12.0
 _SHADOW = 0.35  # fraction of the signal that passes a vessel
 _VESSEL_BRIGHTNESS = 230.0
+# Other class counts (num_classes): boundaries merged away first (fewer classes), or layers
+# split at half thickness first (more classes); indices into the 9 boundaries, ILM = 0.
+_MERGE_ORDER = (3, 5, 1, 2, 4, 6, 7)  # INL+OPL, ONL+IS/OS, RNFL+GCL+IPL, ...
+_SPLIT_ORDER = (4, 7, 1, 0, 2, 3, 5, 6)  # ONL, choroid, GCL+IPL, RNFL, ...
 # Field of view (mm) along D, H, W: roughly OCTA-500's 6 mm x 2 mm x 6 mm.
 _FOV_MM = (6.0, 2.0, 6.0)
 
@@ -92,17 +96,50 @@ def _vessel_map(rng: np.random.Generator, d: int, w: int) -> np.ndarray:
     return out
 
 
+def _label_boundaries(surfaces: np.ndarray, num_classes: int) -> np.ndarray:
+    """The boundaries a ``num_classes`` layer map is cut at (``num_classes - 1`` of them)."""
+    n = len(LAYER_NAMES)
+    if num_classes <= n:
+        drop = set(_MERGE_ORDER[: n - num_classes])
+        return surfaces[[i for i in range(len(surfaces)) if i not in drop]]
+    split = sorted(_SPLIT_ORDER[: num_classes - n])
+    mids = [(surfaces[i] + surfaces[i + 1]) / 2 for i in split]
+    return np.sort(np.concatenate([surfaces, np.stack(mids)]), axis=0)
+
+
+def layer_names(num_classes: int = len(LAYER_NAMES)) -> list[str]:
+    """Class names of a ``num_classes`` phantom layer map (merged names joined by ``+``)."""
+    names = list(LAYER_NAMES)
+    if not 2 <= num_classes <= len(names) + len(_SPLIT_ORDER):
+        raise ValueError(f"the phantom makes 2..{len(names) + len(_SPLIT_ORDER)} layer classes")
+    if num_classes <= len(names):
+        # merging boundary i joins class i (above it) and class i + 1
+        groups = [[name] for name in names]
+        for b in sorted(_MERGE_ORDER[: len(names) - num_classes], reverse=True):
+            groups[b] += groups.pop(b + 1)
+        return ["+".join(g) for g in groups]
+    split = _SPLIT_ORDER[: num_classes - len(names)]  # boundary i tops class i + 1
+    out = []
+    for i, name in enumerate(names):
+        out += [f"{name}.1", f"{name}.2"] if i - 1 in split else [name]
+    return out
+
+
 def make_phantom(
-    shape: tuple[int, int, int], seed: int
+    shape: tuple[int, int, int], seed: int, num_classes: int = len(LAYER_NAMES)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One phantom OCT volume: (image uint8 D x H x W, layers uint8 D x H x W, vessels uint8 D x W).
 
-    ``layers`` holds a class per voxel (``LAYER_NAMES``; 0 above and below the retina);
-    ``vessels`` is 0 background, 1 artery, 2 vein. Deterministic for ``seed``.
+    ``layers`` holds a class per voxel (``layer_names(num_classes)``; 0 above and below the
+    retina); ``vessels`` is 0 background, 1 artery, 2 vein. Deterministic for ``seed``; the
+    image does not depend on ``num_classes`` (fewer classes merge neighbouring layers, more
+    split the thickest ones at half thickness).
     """
     d, h, w = (int(s) for s in shape)
+    layer_names(num_classes)  # checks the range
     rng = np.random.default_rng(seed)
     surfaces, _ = _surfaces(rng, d, w)
+    cuts = (_label_boundaries(surfaces, num_classes) * h).astype(np.float32)
     vessels = _vessel_map(rng, d, w)
     # Vessels lie in the ganglion cell layer, a little below the ILM.
     vessel_depth = (surfaces[1] + 0.3 * (surfaces[2] - surfaces[1])) * h
@@ -118,7 +155,14 @@ def make_phantom(
         for boundary in rows[:, s0:s1]:
             count += depth >= boundary[:, None, :]
         count[count == n_classes] = 0  # below the choroid: background again
-        layers[s0:s1] = count
+        if num_classes == n_classes:
+            layers[s0:s1] = count
+        else:
+            cut = np.zeros_like(count)
+            for boundary in cuts[:, s0:s1]:
+                cut += depth >= boundary[:, None, :]
+            cut[cut == num_classes] = 0
+            layers[s0:s1] = cut
         signal = REFLECTIVITY[count]
         # Vessel columns: bright vessel wall, then a shadow on everything below it.
         vd, vw = np.nonzero(vessels[s0:s1])
@@ -147,8 +191,17 @@ def volume_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def write_phantom_dataset(out: str, count: int, preset: str = "tiny", seed: int = 0) -> list[str]:
+def write_phantom_dataset(
+    out: str,
+    count: int,
+    preset: str = "tiny",
+    seed: int = 0,
+    num_classes: int = len(LAYER_NAMES),
+) -> list[str]:
     """Write ``count`` phantom volumes with the ``preset``'s image shape in the dataset layout.
+
+    ``num_classes``: layer classes of the labels (default 9, ``LAYER_NAMES``; see
+    :func:`make_phantom`).
 
     Writes ``images/``, ``labels/layers/``, ``labels/vessels/`` and ``manifest.jsonl`` under
     ``out``; volume ``i`` has id ``phantom_{i:04d}`` and is seeded from ``(seed, i)``.
@@ -162,7 +215,7 @@ def write_phantom_dataset(out: str, count: int, preset: str = "tiny", seed: int 
     for i in tqdm(range(count), desc=f"phantom {preset}", unit="vol"):
         sample_id = f"phantom_{i:04d}"
         s = volume_seed(seed, i)
-        image, layers, vessels = make_phantom(shape, s)
+        image, layers, vessels = make_phantom(shape, s, num_classes)
         write_volume(layout.image_url(sample_id), image, affine)
         write_volume(layout.label_url("layers", sample_id), layers, affine)
         write_volume(layout.label_url("vessels", sample_id), vessels, enface)
@@ -173,8 +226,8 @@ def write_phantom_dataset(out: str, count: int, preset: str = "tiny", seed: int 
                 "source": "phantom",
                 "seed": s,
                 "shape": list(shape),
-                "layer_classes": len(LAYER_NAMES),
-                "layer_names": list(LAYER_NAMES),
+                "layer_classes": num_classes,
+                "layer_names": layer_names(num_classes),
             }
         )
     layout.write_manifest(records)

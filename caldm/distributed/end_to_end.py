@@ -120,12 +120,14 @@ def _run_path(
     workers: int = 1,
     gpus_per_worker: float = 0.0,
     condition: str = "layers",
+    layer_classes: int = 9,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The body of :func:`run_pipeline`.
 
     Without ``data`` a phantom dataset of ``count`` training volumes and ``max(2, count // 4)``
-    held-out volumes is written first. With ``data`` and no ``heldout``, the report compares
+    held-out volumes with ``layer_classes`` layer classes is written first (with ``data`` the
+    class count comes from its labels). With ``data`` and no ``heldout``, the report compares
     against the training volumes themselves and says so (``"heldout": false``).
     """
     from caldm.data.phantom import write_phantom_dataset
@@ -140,9 +142,10 @@ def _run_path(
         data, heldout = _join(out, "data", "train"), _join(out, "data", "heldout")
         if not url_exists(_join(data, "manifest.jsonl")):
             log(f"pipeline: writing {count} phantom volumes to {data}")
-            write_phantom_dataset(data, count=count, preset=preset, seed=0)
+            write_phantom_dataset(data, count, preset, seed=0, num_classes=layer_classes)
         if not url_exists(_join(heldout, "manifest.jsonl")):
-            write_phantom_dataset(heldout, count=max(2, count // 4), preset=preset, seed=10_000)
+            n_heldout = max(2, count // 4)
+            write_phantom_dataset(heldout, n_heldout, preset, 10_000, num_classes=layer_classes)
     reference = heldout or data
 
     latents = _join(out, "latents")
@@ -241,8 +244,9 @@ def run_pipeline(out: str, **kwargs: Any) -> dict[str, Any]:
 
     Keyword arguments: ``data``, ``heldout``, ``preset``, ``count``, ``per_label``,
     ``steps_scale``, ``sampling_steps``, ``workers``, ``gpus_per_worker``, ``condition``,
-    ``log`` (see the module docstring). Without ``data`` a phantom dataset of ``count``
-    training volumes and ``max(2, count // 4)`` held-out volumes is written first.
+    ``layer_classes`` (phantom only), ``log`` (see the module docstring). Without ``data`` a
+    phantom dataset of ``count`` training volumes and ``max(2, count // 4)`` held-out volumes
+    is written first.
     """
     with _one_tracking_store(out):
         return _run_path(out, **kwargs)

@@ -36,18 +36,15 @@ every run, giving exactly one row per sample; the rows stay as the journal for l
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
@@ -56,12 +53,11 @@ from fsspec.implementations.local import LocalFileSystem
 from caldm.data.io import (
     LabelKind,
     encode_nifti,
-    read_label,
-    spacing_affine,
     split_url,
     storage_errors,
     write_bytes,
 )
+from caldm.data.labels import read_label_map, resize_to_image
 from caldm.data.layout import DatasetLayout
 from caldm.errors import BundleError, CaldmError, ConfigError, DataError
 
@@ -144,49 +140,6 @@ def row_url(out: str, sid: str) -> str:
 
 
 # --- labels --------------------------------------------------------------------------------
-
-
-def _label_header(url: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """(shape, voxel spacing) from a NIfTI label's header, reading only the file's first bytes."""
-    fs, path = split_url(url)
-    with storage_errors(url), fs.open(path, "rb", block_size=1 << 16) as fh:
-        head = fh.read(1 << 16)
-    try:
-        if head[:2] == b"\x1f\x8b":  # a partial gzip stream: decompress what we have
-            head = zlib.decompressobj(wbits=31).decompress(head, 1024)
-    except zlib.error as exc:
-        raise DataError(url, f"corrupt gzip data ({exc})") from None
-    for header_type in (nib.Nifti1Header, nib.Nifti2Header):
-        try:
-            header = header_type.from_fileobj(io.BytesIO(head))
-        except Exception:  # nibabel raises several types for a header of the other version
-            continue
-        return tuple(header.get_data_shape()), tuple(float(z) for z in header.get_zooms())
-    raise DataError(url, "not a NIfTI file (unreadable header)")
-
-
-def load_label(
-    url: str, kind: LabelKind, image_shape: tuple[int, int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """A real label resized to ``image_shape`` and the 4x4 affine of the sample it conditions.
-
-    Raises DataError naming ``url`` for an unreadable label or one of the wrong dimensionality.
-    """
-    from caldm.data.preprocess import resize  # imports torch: only the sampler actors load labels
-
-    label = read_label(url, kind)
-    if 0 in label.shape:
-        raise DataError(url, f"{kind} label has an empty axis (shape {label.shape})")
-    stored, zooms = _label_header(url)
-    d, h, w = image_shape
-    if kind == "layers":
-        target: tuple[int, ...] = (d, h, w)
-        spacing = [z * s / t for z, s, t in zip(zooms, label.shape, target)]
-    else:  # stored as D x W, or as D x 1 x W
-        target = (d, w)
-        zw = zooms[2] if len(stored) >= 3 and stored[1] == 1 else zooms[1]
-        spacing = [zooms[0] * label.shape[0] / d, 1.0, zw * label.shape[1] / w]
-    return resize(label, target, order="nearest"), spacing_affine(tuple(spacing))
 
 
 # --- resume --------------------------------------------------------------------------------
@@ -299,10 +252,15 @@ class SamplerActor:
         self.prov = prov
         self._cached: tuple[str, Any] | None = None
 
-    def _label(self, url: str) -> tuple[np.ndarray, np.ndarray]:
+    def _label(self, url: str) -> tuple[Any, np.ndarray, np.ndarray]:
+        """(labels reduced for the encoders, label on the image grid, its affine)."""
         if self._cached is None or self._cached[0] != url:
             try:
-                value: Any = load_label(url, self.kind, self.image_shape)
+                label = read_label_map(url, self.kind)
+                value: Any = (
+                    self.pipeline.prepare_labels(label.array, url),
+                    *resize_to_image(label, self.image_shape),
+                )
             except DataError as exc:
                 value = exc
             self._cached = (url, value)
@@ -318,11 +276,11 @@ class SamplerActor:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         try:
-            label, affine = self._label(row["label_url"])
+            prepared, label, affine = self._label(row["label_url"])
             started, start = time.time(), time.perf_counter()
             volume = self.pipeline.sample(
                 seed=int(row["seed"]),
-                labels=label,
+                labels=prepared,
                 sampler=self.prov.sampler,
                 steps=self.prov.steps,
             )

@@ -262,7 +262,7 @@ class RefinerValidation:
         from caldm.data.datasets import LatentDataset
 
         if not self._batch:
-            # The stage dataset's loader: the cache format, shape checks and label resizing.
+            # The stage dataset's loader: the cache format, shape checks and label reduction.
             reader = LatentDataset(self.latents, cfg, "refiner", self.condition)
             parts: dict[str, list[torch.Tensor]] = {}
             for sample_id in self.ids:
@@ -273,7 +273,9 @@ class RefinerValidation:
                 parts.setdefault("z_hr", []).append(torch.from_numpy(sample["z_hr"][:, index]))
                 parts.setdefault("z_sr", []).append(torch.from_numpy(sample["z_sr"][:, index]))
                 if "label" in sample:
-                    parts.setdefault("label", []).append(torch.from_numpy(sample["label"][index]))
+                    # class fractions (C, D, ...): slice i is [:, i]
+                    label = sample["label"][:, index]
+                    parts.setdefault("label", []).append(torch.from_numpy(label).movedim(1, 0))
             batch = {
                 "z_hr": torch.cat([p.movedim(1, 0) for p in parts["z_hr"]]),  # (N, c, H', W')
                 "z_sr": torch.cat([p.movedim(1, 0) for p in parts["z_sr"]]),

@@ -64,7 +64,14 @@ _FORWARD_ENV_PREFIXES = ("AWS_", "MLFLOW_", "CALDM_", "TORCH_EXTENSIONS_DIR")
 #: Elements per ZeRO gradient reduce / allgather bucket.
 REDUCE_BUCKET = 50_000_000
 # Model config sections that do not change any exported module's weights.
-_MODEL_KEYS_FREE = ("model.loss.", "model.discriminator.", "model.condition.dropout")
+# layer_classes shapes only the condition encoders: it comes from the data (or a conditioned
+# bundle's num_classes, checked against the data in plan()), never from the preset.
+_MODEL_KEYS_FREE = (
+    "model.loss.",
+    "model.discriminator.",
+    "model.condition.dropout",
+    "model.condition.layer_classes",
+)
 # Model config keys that shape only one module: free when the bundle lacks that module (the run
 # trains it from scratch, e.g. adaptors with another kernel size on an ae2d/nhae bundle).
 _MODEL_KEYS_OF = {
@@ -176,6 +183,23 @@ def latent_stats(latents: str) -> dict[str, Any]:
     return stats
 
 
+def _layer_classes(latents: str, bundle: str | None, meta: dict[str, Any]) -> int:
+    """Layer classes of a layers-conditioned run: counted in the labels of the dataset the
+    latents were encoded from; a bundle already conditioned on layers must agree with them."""
+    from caldm.data.datasets import num_layer_classes, read_latent_source
+
+    source = read_latent_source(latents)["data"]
+    classes = num_layer_classes(source)
+    have = meta.get("num_classes") if meta.get("condition") == "layers" else None
+    if have is not None and int(have) != classes:
+        raise DataError(
+            f"{source.rstrip('/')}/labels/layers",
+            f"labels have {classes} layer classes, but bundle {bundle} was conditioned on "
+            f"{have}; use labels with {have} classes or a bundle trained on these",
+        )
+    return classes
+
+
 def _check_bundle_model(bundle: str, cfg: Config, fresh: tuple[str, ...] = ()) -> Config:
     """The bundle's config; a ConfigError when its networks differ from the run's.
 
@@ -268,11 +292,7 @@ def plan(req: TrainRequest) -> TrainPlan:
         std = latent_stats(data)["z" if req.stage == "diff3d" else "z_hr"]["std"]
         latent_scale = 1.0 / max(float(std), 1e-8)
         if req.condition == "layers":
-            from caldm.data.datasets import num_layer_classes, read_latent_source
-
-            num_classes = meta.get("num_classes") or num_layer_classes(
-                read_latent_source(data)["data"]
-            )
+            num_classes = _layer_classes(data, bundle, meta)
             cfg.model.condition.layer_classes = num_classes
     else:
         training_dataset(req.stage, data, cfg, None, req.exclude_ids, 0, req.workers)

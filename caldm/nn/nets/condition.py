@@ -5,9 +5,10 @@ Two kinds of label (DESIGN.md dataset layout):
 - ``vessels``: an en-face artery/vein map ``(D, W)`` (one B-scan: its row, ``(W,)``), values
   0 background, 1 artery, 2 vein. It has no depth axis, so its features are broadcast over H'.
 
-For Diff3D the grid is ``(D', H', W')``; for Diff_slice a slice grid ``(H', W')``. The label is
-first reduced with nearest neighbour to twice the grid (never one-hot at full resolution: a
-512^3 one-hot map would take gigabytes), one-hot encoded, then a strided conv lands it on the grid.
+For Diff3D the grid is ``(D', H', W')``; for Diff_slice a slice grid ``(H', W')``. The encoder
+reads class fractions on twice that grid (:func:`caldm.data.labels.reduce_label`: an
+area-averaged one-hot map of the full-resolution label, so thin bands and one-voxel boundary
+moves reach it), and a strided conv lands them on the grid.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-VESSEL_CLASSES = 3
+from caldm.data.labels import VESSEL_CLASSES
 
 
 class ConditionEncoder(nn.Module):
-    """``forward(label) -> (B, channels, *grid)``.
+    """``forward(fractions) -> (B, channels, *grid)``.
+
+    ``fractions``: ``(B, num_classes, *label_grid)`` with ``label_grid`` twice the latent grid
+    (without H' for vessels), as :func:`caldm.data.labels.reduce_label` makes them.
 
     Args:
         kind: ``"layers"`` or ``"vessels"``.
@@ -58,13 +61,14 @@ class ConditionEncoder(nn.Module):
         out_conv = {2: nn.Conv2d, 3: nn.Conv3d}[len(self.grid)]
         self.mix = out_conv(channels, channels, 3, padding=1)
 
-    def forward(self, label: torch.Tensor) -> torch.Tensor:
-        label = label.long()
-        size = tuple(2 * g for g in self.label_grid)
-        small = F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].long()
-        onehot = F.one_hot(small.clamp(0, self.num_classes - 1), self.num_classes)
-        onehot = onehot.movedim(-1, 1).to(self.mix.weight.dtype)
-        feats = self.embed(onehot)
+    def forward(self, fractions: torch.Tensor) -> torch.Tensor:
+        want = (self.num_classes, *(2 * g for g in self.label_grid))
+        if tuple(fractions.shape[1:]) != want:
+            raise ValueError(
+                f"{self.kind} condition encoder expects class fractions (B, {want}), got "
+                f"{tuple(fractions.shape)}; reduce labels with caldm.data.labels.reduce_label"
+            )
+        feats = self.embed(fractions.to(self.mix.weight.dtype))
         if self.kind == "vessels":  # broadcast the en-face features over depth H'
             feats = feats.unsqueeze(-2).expand(*feats.shape[:-1], self.grid[-2], feats.shape[-1])
         return self.mix(feats)

@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="label volume URL for label-guided sampling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decode", choices=("exact", "chunked"), default=None)
+    p.add_argument(
+        "--ablation",
+        choices=("full", "nhae_diff3d_refiner", "nhae_diff3d"),
+        default="full",
+        help="Table 1's rows: nhae_diff3d decodes f_sr(z) with Dec2D (no refiner, no "
+        "adaptors); nhae_diff3d_refiner adds the refiner; full adds DecM's adaptors",
+    )
     p.add_argument("--sampler", choices=("ddim", "dpm++"), default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (both processes)")
     p.add_argument("--refiner-sampler", choices=("ddim", "dpm++"), default=None)

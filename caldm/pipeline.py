@@ -11,6 +11,11 @@ Randomness: the Diff3D noise comes from ``(seed, 0)``, the noise of refined slic
 ``(seed, 1, i)`` (CPU generators), so a volume does not depend on ``slice_batch`` or
 ``decode_chunk`` and the same seed gives the same volume on the same device.
 
+Ablations (the rows of the paper's Table 1): ``full`` is the path above; ``nhae_diff3d_refiner``
+decodes the refined slices with Dec2D alone (no adaptors); ``nhae_diff3d`` also skips the
+refiner and decodes f_sr(z) slice by slice with Dec2D. A bundle that lacks the refiner or the
+adaptors can be sampled with the ablation that does not need them.
+
 Label guidance: a bundle trained with ``--condition layers|vessels`` has condition encoders
 (``cond_diff3d``, ``cond_refiner``) whose features are concatenated to the diffusion inputs.
 Labels of any size are reduced from their own resolution to class fractions on the encoders'
@@ -38,11 +43,17 @@ from caldm.data.labels import PreparedLabels, prepare_labels
 from caldm.data.preprocess import from_unit_range
 from caldm.diffusion.samplers import make_sampler, sample_loop
 from caldm.diffusion.schedule import NoiseSchedule
-from caldm.errors import CaldmError
+from caldm.errors import BundleError, CaldmError
 from caldm.nn.nets.dec_m import DecM
 from caldm.streaming import ArraySink, DecodeMode, NiftiSink, Sink, SliceDecoder
 
 SAMPLING_MODULES = ("diff3d", "f_sr", "refiner", "dec2d", "adaptors")
+Ablation = Literal["full", "nhae_diff3d_refiner", "nhae_diff3d"]
+ABLATIONS: dict[str, tuple[str, ...]] = {  # the modules each ablation samples with
+    "full": SAMPLING_MODULES,
+    "nhae_diff3d_refiner": ("diff3d", "f_sr", "refiner", "dec2d"),
+    "nhae_diff3d": ("diff3d", "f_sr", "dec2d"),
+}
 # The two stages never need each other's weights: with offloading only one set is on the device.
 LATENT_MODULES = ("diff3d", "cond_diff3d", "f_sr")
 SLICE_MODULES = ("refiner", "cond_refiner", "dec2d", "adaptors")
@@ -70,6 +81,8 @@ class CALDMPipeline:
         dtype: weight and activation dtype; bf16 autocast is used on CUDA.
         halo: context slices each side of a chunk in ``chunked`` decoding (default: k // 2,
             the context DecM's adaptors were trained with).
+        ablation: which of Table 1's rows to sample (module docstring); ``modules`` need
+            only hold what it uses.
         offload: keep the weights on the host and move each stage's modules (latent:
             Diff3D, f_sr; slices: Diff_slice, DecM) to the device only while it runs. Default:
             on for CUDA, where it lowers the peak by the other stage's weights (1.2 GiB of
@@ -86,21 +99,32 @@ class CALDMPipeline:
         dtype: torch.dtype | None = None,
         halo: int | None = None,
         offload: bool | None = None,
+        ablation: Ablation = "full",
     ) -> None:
-        missing = [n for n in SAMPLING_MODULES if n not in modules]
+        if ablation not in ABLATIONS:
+            raise CaldmError(f"ablation {ablation!r}: expected one of {', '.join(ABLATIONS)}")
+        missing = [n for n in ABLATIONS[ablation] if n not in modules]
         if missing:
-            raise ValueError(f"sampling needs modules {', '.join(missing)}")
+            raise ValueError(f"sampling ({ablation}) needs modules {', '.join(missing)}")
+        self.ablation = ablation
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.offload = self.device.type == "cuda" if offload is None else offload
         home = "cpu" if self.offload else self.device
-        self.modules = {n: m.to(home, self.dtype).eval() for n, m in modules.items()}
+        used = {*ABLATIONS[ablation], "cond_diff3d"}
+        if "refiner" in used:
+            used.add("cond_refiner")
+        self.modules = {
+            n: m.to(home, self.dtype).eval() for n, m in modules.items() if n in used
+        }
         self.condition = condition
         scale = dict(latent_scale or {})
         self.scale = {n: float(scale.get(n, 1.0)) for n in ("diff3d", "refiner")}
-        self.decm = DecM(self.modules["dec2d"], self.modules["adaptors"])
-        self.halo = cfg.model.k // 2 if halo is None else halo
+        self.decm = DecM(self.modules["dec2d"], self.modules.get("adaptors"))
+        # Without adaptors every slice decodes alone: context would only cost time.
+        default_halo = cfg.model.k // 2 if "adaptors" in self.modules else 0
+        self.halo = default_halo if halo is None else halo
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
 
     @classmethod
@@ -111,13 +135,29 @@ class CALDMPipeline:
         dtype: torch.dtype | None = None,
         halo: int | None = None,
         offload: bool | None = None,
+        ablation: Ablation = "full",
     ) -> CALDMPipeline:
-        """Load the sampling modules of the bundle at ``url`` (local path or ``s3://``)."""
-        from caldm.bundle import load_bundle, read_meta
+        """Load the modules ``ablation`` samples with from the bundle at ``url`` (local path or
+        ``s3://``); a bundle that lacks some is named in one line with the ablations it allows."""
+        from caldm.bundle import bundle_modules, load_bundle, read_meta
 
+        if ablation not in ABLATIONS:
+            raise CaldmError(f"ablation {ablation!r}: expected one of {', '.join(ABLATIONS)}")
         meta = read_meta(url)
-        conds = [f"cond_{n}" for n in meta.get("conditioned", []) if n in ("diff3d", "refiner")]
-        bundle = load_bundle(url, [*SAMPLING_MODULES, *conds], device="cpu")
+        names = ABLATIONS[ablation]
+        have = set(bundle_modules(url))
+        missing = [n for n in names if n not in have]
+        if missing:
+            allowed = [a for a, need in ABLATIONS.items() if have.issuperset(need)]
+            raise BundleError(
+                f"{url}: bundle lacks {', '.join(missing)} needed for --ablation {ablation}"
+                + (f"; it can sample --ablation {' or '.join(allowed)}" if allowed else "")
+            )
+        conds = [
+            f"cond_{n}" for n in meta.get("conditioned", []) if n in ("diff3d", "refiner")
+        ]
+        conds = [c for c in conds if c.removeprefix("cond_") in names]
+        bundle = load_bundle(url, [*names, *conds], device="cpu")
         return cls(
             bundle.cfg,
             bundle.modules,
@@ -127,6 +167,7 @@ class CALDMPipeline:
             dtype=dtype,
             halo=halo,
             offload=offload,
+            ablation=ablation,
         )
 
     def prepare_labels(self, labels: np.ndarray, source: str = "labels") -> PreparedLabels:
@@ -172,7 +213,7 @@ class CALDMPipeline:
         collect = ArraySink(shape, np.uint8 if output == "uint8" else np.float32)
         out_sink = sink or collect
         d = self.cfg.model.image_shape[0]
-        n_batches = -(-d // s.slice_batch)
+        n_batches = -(-d // s.slice_batch) if "refiner" in self.modules else 0
         bar = tqdm(
             total=steps + n_batches * refiner_steps,
             desc="sample",
@@ -244,7 +285,11 @@ class CALDMPipeline:
         )
         for start in range(0, d, s.slice_batch):
             stop = min(start + s.slice_batch, d)
-            decoder.push(self.refine(z_sr, start, stop, seed, labels, sampler, steps, on_step))
+            if "refiner" in self.modules:
+                z = self.refine(z_sr, start, stop, seed, labels, sampler, steps, on_step)
+            else:  # nhae_diff3d: Dec2D on f_sr(z) itself
+                z = z_sr[:, start:stop].movedim(1, 0)
+            decoder.push(z)
         decoder.close()
 
     def refine(
@@ -436,7 +481,7 @@ def sample_command(args: argparse.Namespace) -> int:
         device = torch.device(args.device) if args.device else None
     except RuntimeError:
         raise CaldmError(f"--device {args.device!r}: not a torch device") from None
-    pipe = CALDMPipeline.from_bundle(args.bundle, device=device)
+    pipe = CALDMPipeline.from_bundle(args.bundle, device=device, ablation=args.ablation)
     cfg = pipe.cfg
     limit = cfg.diffusion.num_train_timesteps
     for flag, value in (("--steps", args.steps), ("--refiner-steps", args.refiner_steps)):

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="denoising steps (default: the bundle config's sampling.steps)",
     )
     p.add_argument(
+        "--ablation",
+        choices=("full", "nhae_diff3d_refiner", "nhae_diff3d"),
+        default="full",
+        help="Table 1's rows: nhae_diff3d (Dec2D on f_sr(z)), nhae_diff3d_refiner (no "
+        "adaptors), full (default)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -102,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             gpus_per_worker=args.gpus_per_worker,
             cpus_per_worker=args.cpus_per_worker,
             progress_every=args.progress_every,
+            ablation=args.ablation,
         )
     except CaldmError as exc:
         print(f"generate_dataset: {exc}", file=sys.stderr)

@@ -234,3 +234,6 @@ def test_complete_means_row_and_both_files(reference: str, s3_bucket: str) -> No
     }  # fmt: skip
     with pytest.raises(ConfigError, match="choose another --out"):
         complete_samples(copy, "layers", Provenance("b", "0" * 64, "ddim", 2))
+    ablated = Provenance(prov.bundle_url, prov.bundle_hash, prov.sampler, prov.steps, "nhae_diff3d")
+    with pytest.raises(ConfigError, match="ablation full; this run .* ablation nhae_diff3d"):
+        complete_samples(copy, "layers", ablated)  # one dataset, one of Table 1's rows

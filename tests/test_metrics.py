@@ -119,6 +119,39 @@ def test_total_variation_definition_and_ordering() -> None:
     assert metrics.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0}
 
 
+def _with_strips(volume: np.ndarray, period: int, amplitude: int) -> np.ndarray:
+    """Brighten every ``period``-th slice (period 2: alternating bright/dark slices)."""
+    out = volume.astype(np.int16)
+    out[::period] += amplitude
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def test_slice_consistency_ranks_strips_below_smooth() -> None:
+    smooth = make_phantom(SHAPE, 0)[0]
+    alternating = _with_strips(smooth, 2, 40)
+    chunk_strip = _with_strips(smooth, 8, 20)  # a step every decode chunk of 8
+    hf = metrics.SliceProfileHF(axis=0)
+    ratio = metrics.InterSliceRatio()
+    assert hf(alternating) > 12 * hf(smooth)
+    assert hf(chunk_strip) > 4 * hf(smooth)
+    assert ratio(alternating) > 2 * ratio(smooth)
+    assert ratio(chunk_strip) > 1.05 * ratio(smooth)
+    # Along W the strips along D do not show, and the measure is independent of the axis name.
+    assert metrics.SliceProfileHF(axis=2)(alternating) == pytest.approx(
+        metrics.SliceProfileHF(axis=2)(smooth), rel=0.2
+    )
+    assert metrics.SliceProfileHF(axis=2)(alternating.transpose(2, 1, 0)) == pytest.approx(
+        hf(alternating)
+    )
+    # Per-slice means that drift smoothly (a ramp) are not strips.
+    ramp = np.broadcast_to(np.linspace(0, 255, 32)[:, None, None], SHAPE).astype(np.uint8)
+    assert hf(ramp) < 0.02 * hf(alternating)  # uint8 rounding only
+    report = metrics.ratio_report([1.0, 1.0], [3.0, 5.0])
+    assert report["ratio"] == pytest.approx(4.0)
+    parts = metrics.slice_consistency(chunk_strip)
+    assert set(parts) == set(metrics.SLICE_CONSISTENCY)
+
+
 # --- FID with the default extractor -----------------------------------------------------------
 
 
@@ -284,6 +317,7 @@ def test_evaluate_job_end_to_end(
         "intra_fid",
         "inter_fid",
         "tv",
+        "slice_consistency",
         "feature_extractor",
         "n_real",
         "n_synthetic",
@@ -296,6 +330,13 @@ def test_evaluate_job_end_to_end(
     assert report["intra_fid"] > 0.1 and report["inter_fid"] > 0.1
     assert report["tv"]["synthetic"]["mean"] > 2 * report["tv"]["real"]["mean"]
     assert "not comparable" in report["feature_extractor"]
+    consistency = report["slice_consistency"]
+    assert set(consistency) == set(metrics.SLICE_CONSISTENCY)
+    # per volume as the metric computes it, and the ratio of the set means
+    expect = [metrics.slice_consistency(make_phantom(SHAPE, i)[0]) for i in range(2)]
+    for name, part in consistency.items():
+        assert part["real"]["mean"] == pytest.approx(np.mean([e[name] for e in expect]))
+        assert part["ratio"] == pytest.approx(part["synthetic"]["mean"] / part["real"]["mean"])
     with Image.open(out.with_suffix(".png")) as png:
         assert png.size[1] > 4 * 100  # 2 real + 2 synthetic rows
 
@@ -308,6 +349,9 @@ def test_evaluate_job_end_to_end(
     assert run.data.metrics["intra_fid"] == pytest.approx(report["intra_fid"])
     assert run.data.metrics["tv.synthetic.mean"] == pytest.approx(
         report["tv"]["synthetic"]["mean"]
+    )
+    assert run.data.metrics["slice_consistency.profile_hf_d.ratio"] == pytest.approx(
+        consistency["profile_hf_d"]["ratio"]
     )
     artifacts = client.list_artifacts(run.info.run_id)
     assert [a.path for a in artifacts] == ["preview.png"]

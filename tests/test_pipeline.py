@@ -211,3 +211,50 @@ def test_label_of_wrong_kind_names_the_file(
         p.sample(0, layers + 20, steps=1)
     with pytest.raises(CaldmError, match="no condition encoders"):
         CALDMPipeline.from_bundle(bundles[None], device="cpu").sample(0, layers, steps=1)
+
+
+def test_ablations_sample_bundles_without_refiner_or_adaptors(
+    bundles: dict[str | None, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import shutil
+
+    stripped = tmp_path / "no_refiner_no_adaptors"
+    shutil.copytree(bundles[None], stripped)
+    meta = json.loads((stripped / "bundle.json").read_text())
+    for name in ("refiner", "adaptors"):
+        (stripped / f"{name}.safetensors").unlink()
+        if "modules" in meta:
+            meta["modules"].remove(name)
+    (stripped / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(CaldmError, match="--ablation nhae_diff3d"):
+        CALDMPipeline.from_bundle(str(stripped), device="cpu")
+
+    base = CALDMPipeline.from_bundle(str(stripped), device="cpu", ablation="nhae_diff3d")
+    assert "refiner" not in base.modules and base.halo == 0
+    got = base.sample(2, steps=STEPS, output="float")
+    # Table 1's first row by hand: Dec2D on every slice of f_sr(z)
+    with torch.inference_mode():
+        z_sr = base.sample_latents(2, None, "ddim", STEPS)
+        want = base.modules["dec2d"](z_sr.movedim(1, 0))[:, 0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    full = CALDMPipeline.from_bundle(bundles[None], device="cpu")
+    refined = CALDMPipeline.from_bundle(bundles[None], device="cpu", ablation="nhae_diff3d_refiner")
+    for p in (full, refined):
+        _wake(p)
+        with torch.no_grad():  # adaptors that act (a fresh bundle's are the identity)
+            for a in p.modules.get("adaptors", torch.nn.Module()).parameters():
+                a.add_(0.3)
+    assert "adaptors" not in refined.modules
+    a = refined.sample(2, steps=STEPS, output="float")
+    b = full.sample(2, steps=STEPS, output="float")
+    assert np.abs(a - got).mean() > 1e-3  # the refiner changes the slices
+    assert np.abs(a - b).mean() > 1e-3  # and the adaptors change them again
+
+    out = tmp_path / "ablated.nii.gz"
+    args = ["sample", "--bundle", str(stripped), "--out", str(out), "--steps", str(STEPS)]
+    assert main([*args, "--ablation", "nhae_diff3d"]) == 0
+    assert read_volume(str(out))[0].shape == preset("tiny").model.image_shape
+    assert main([*args, "--ablation", "full"]) == 2
+    assert "nhae_diff3d" in capsys.readouterr().err

@@ -218,7 +218,9 @@ def _run_path(
     _profile_png(real_profile, syn_profile, _join(out, "depth_profiles.png"))
     log(
         f"pipeline: intra-FID {report['intra_fid']:.3f}, inter-FID {report['inter_fid']:.3f}, "
-        f"TV synthetic/real {report['tv_ratio']:.2f}, depth-profile correlation {corr:.3f}"
+        f"TV synthetic/real {report['tv_ratio']:.2f}, depth-profile correlation {corr:.3f}, "
+        "slice consistency synthetic/real "
+        + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in report["slice_consistency"].items())
     )
     return report
 

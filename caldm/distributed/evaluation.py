@@ -1,10 +1,12 @@
-"""Evaluation as a Ray Data job: Intra-FID, Inter-FID and TV of a synthetic set against a real one.
+"""Evaluation as a Ray Data job: Intra-FID, Inter-FID, TV and slice consistency of a synthetic
+set against a real one.
 
 Pipeline (one row per volume, then one row per plane):
 
 1. The driver lists ``<root>/images/`` of both sets (fails fast on a missing or empty root).
 2. Read tasks (one volume each; on CPU-only clusters Ray fuses them into the actors of step 3)
-   compute the volume's TV and cut its planes at deterministic indices: up to
+   compute the volume's TV and slice-consistency measures (:func:`metrics.slice_consistency`)
+   and cut its planes at deterministic indices: up to
    ``max_slices_per_volume`` B-scans (intra) and as many planes across slices (inter), each
    put on [0, 1] and resized to 299 x 299, the extractor's input size. That is the common
    size that lets sets of different volume shapes be compared, and it loses nothing: the FID
@@ -39,15 +41,18 @@ def list_volumes(root: str) -> list[tuple[str, str]]:
 
 
 def volume_planes(volume: np.ndarray, max_slices: int) -> dict[str, Any]:
-    """A volume's TV and its intra and inter planes at INPUT_SIZE on [0, 1].
+    """A volume's TV, slice consistency and intra and inter planes at INPUT_SIZE on [0, 1].
 
-    Returns ``{"tv": float, "intra": (k, S, S), "inter": (k, S, S)}`` (float32 planes).
+    Returns ``{"tv": float, <each of metrics.SLICE_CONSISTENCY>: float, "intra": (k, S, S),
+    "inter": (k, S, S)}`` (float32 planes).
     """
     lo, hi = metrics.intensity_range(volume)
     intra = metrics.intra_planes(volume, max_slices)
     inter = metrics.inter_planes(volume, max_slices)
+    differences = metrics.mean_abs_differences(volume)
     return {
-        "tv": metrics.total_variation(volume),
+        "tv": float(sum(differences)),
+        **metrics.slice_consistency(volume, differences),
         "intra": metrics.resize_planes(metrics.to_zero_one(intra, lo, hi), INPUT_SIZE),
         "inter": metrics.resize_planes(metrics.to_zero_one(inter, lo, hi), INPUT_SIZE),
     }
@@ -75,18 +80,19 @@ def _read_batch(batch: dict[str, np.ndarray], max_slices: int) -> dict[str, np.n
             planes = _read_planes(str(url), max_slices)
         except CaldmError as exc:
             error = np.zeros((1, INPUT_SIZE, INPUT_SIZE), np.float32)
-            planes = {"tv": np.nan, "error": error}
+            planes = {"error": error}
             message = str(exc)
         else:
             message = ""
-        for kind in (k for k in planes if k != "tv"):
+        scalars = ("tv", *metrics.SLICE_CONSISTENCY)
+        for kind in (k for k in planes if k not in scalars):
             n = len(planes[kind])
             rows.append(
                 {
                     "set": np.full(n, set_name),
                     "id": np.full(n, sample_id),
                     "kind": np.full(n, kind),
-                    "tv": np.full(n, planes["tv"], np.float64),
+                    **{s: np.full(n, planes.get(s, np.nan), np.float64) for s in scalars},
                     "error": np.full(n, message, dtype=object),
                     "plane": planes[kind],
                 }
@@ -173,7 +179,8 @@ def compute_report(
         )
     )
     stats = {(s, k): metrics.FeatureStats(FEATURE_DIM) for s in SETS for k in metrics.PLANE_KINDS}
-    tv: dict[str, dict[str, float]] = {s: {} for s in SETS}
+    scalars = ("tv", *metrics.SLICE_CONSISTENCY)
+    per_volume: dict[str, dict[str, dict[str, float]]] = {m: {s: {} for s in SETS} for m in scalars}
     for batch in features.iter_batches(batch_size=256, batch_format="numpy"):
         errors = [e for e in batch["error"] if e]
         if errors:
@@ -182,13 +189,21 @@ def compute_report(
             mask = (batch["set"] == key[0]) & (batch["kind"] == key[1])
             if mask.any():
                 acc.update(batch["feature"][mask])
-        for set_name, sample_id, value in zip(batch["set"], batch["id"], batch["tv"]):
-            tv[str(set_name)][str(sample_id)] = float(value)
+        for m in scalars:
+            for set_name, sample_id, value in zip(batch["set"], batch["id"], batch[m]):
+                per_volume[m][str(set_name)][str(sample_id)] = float(value)
+
+    def values(m: str, s: str) -> list[float]:
+        return list(per_volume[m][s].values())
 
     return {
         "intra_fid": stats["real", "intra"].frechet_distance(stats["synthetic", "intra"]),
         "inter_fid": stats["real", "inter"].frechet_distance(stats["synthetic", "inter"]),
-        "tv": {s: metrics.mean_std(list(tv[s].values())) for s in SETS},
+        "tv": {s: metrics.mean_std(values("tv", s)) for s in SETS},
+        "slice_consistency": {
+            m: metrics.ratio_report(values(m, "real"), values(m, "synthetic"))
+            for m in metrics.SLICE_CONSISTENCY
+        },
         "feature_extractor": extractor,
         "n_real": len(volumes["real"]),
         "n_synthetic": len(volumes["synthetic"]),
@@ -229,11 +244,12 @@ def evaluate(
     """Intra-FID, Inter-FID and TV of ``synthetic`` against ``real`` (dataset roots).
 
     Returns ``{"intra_fid", "inter_fid", "tv": {"real": {"mean", "std"}, "synthetic": {...}},
-    "feature_extractor", "n_real", "n_synthetic", "slices"}``; ``slices`` holds
-    ``max_per_volume`` and the number of planes per set and plane kind. With ``out`` (a
-    ``.json`` path or URL) the report is written there, a preview PNG beside it
-    (:func:`preview_url`), and both are logged to MLflow (experiment ``evaluate``).
-    Raises :class:`CaldmError` (one line naming the file) on bad input.
+    "slice_consistency": {<measure>: {"real", "synthetic", "ratio"}}, "feature_extractor",
+    "n_real", "n_synthetic", "slices"}``; ``slices`` holds ``max_per_volume`` and the number
+    of planes per set and plane kind. With ``out`` (a ``.json`` path or URL) the report is
+    written there, a preview PNG beside it (:func:`preview_url`), and both are logged to
+    MLflow (experiment ``evaluate``). Raises :class:`CaldmError` (one line naming the file)
+    on bad input.
     """
     report = compute_report(
         real, synthetic, inception_weights, max_slices_per_volume, batch_size, num_gpus
@@ -266,5 +282,6 @@ def write_outputs(
         "slices": report["slices"],
     }
     with tracking.start_run(out_dir or ".", "evaluate", "evaluate", params):
-        tracking.log_metrics({k: report[k] for k in ("intra_fid", "inter_fid", "tv")})
+        keys = ("intra_fid", "inter_fid", "tv", "slice_consistency")
+        tracking.log_metrics({k: report[k] for k in keys})
         tracking.log_image(image, "preview.png")

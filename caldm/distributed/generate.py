@@ -73,6 +73,7 @@ class Provenance:
     bundle_hash: str
     sampler: str
     steps: int
+    ablation: str = "full"  # caldm.pipeline.ABLATIONS: which of Table 1's rows
 
 
 @dataclass
@@ -185,15 +186,16 @@ def complete_samples(out: str, kind: str, prov: Provenance) -> set[str]:
     other = [
         r
         for r in rows.values()
-        if (r["bundle"]["hash"], r["sampler"], r["steps"])
-        != (prov.bundle_hash, prov.sampler, prov.steps)
+        if (r["bundle"]["hash"], r["sampler"], r["steps"], r.get("ablation", "full"))
+        != (prov.bundle_hash, prov.sampler, prov.steps, prov.ablation)
     ]
     if other:
         r = other[0]
         raise ConfigError(
             f"{out}: holds {len(other)} sample(s) made with bundle {r['bundle']['url']} "
-            f"(hash {r['bundle']['hash'][:12]}), sampler {r['sampler']}, {r['steps']} steps; "
-            f"this run uses hash {prov.bundle_hash[:12]}, {prov.sampler}, {prov.steps} steps: "
+            f"(hash {r['bundle']['hash'][:12]}), sampler {r['sampler']}, {r['steps']} steps, "
+            f"ablation {r.get('ablation', 'full')}; this run uses hash {prov.bundle_hash[:12]}, "
+            f"{prov.sampler}, {prov.steps} steps, ablation {prov.ablation}: "
             "choose another --out"
         )
     images = _sizes(f"{out}/images")
@@ -246,7 +248,7 @@ class SamplerActor:
     ) -> None:
         from caldm.pipeline import CALDMPipeline
 
-        self.pipeline = CALDMPipeline.from_bundle(bundle)
+        self.pipeline = CALDMPipeline.from_bundle(bundle, ablation=prov.ablation)
         self.kind = kind
         self.image_shape = tuple(image_shape)
         self.prov = prov
@@ -344,6 +346,7 @@ def write_sample(row: dict[str, Any], out: str, kind: str, prov: Provenance) -> 
         "bundle": {"url": prov.bundle_url, "hash": prov.bundle_hash},
         "sampler": prov.sampler,
         "steps": prov.steps,
+        "ablation": prov.ablation,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "files": files,
     }
@@ -356,7 +359,9 @@ def write_sample(row: dict[str, Any], out: str, kind: str, prov: Provenance) -> 
 # --- driver --------------------------------------------------------------------------------
 
 
-def resolve_provenance(bundle: str, sampler: str | None, steps: int | None) -> Provenance:
+def resolve_provenance(
+    bundle: str, sampler: str | None, steps: int | None, ablation: str = "full"
+) -> Provenance:
     """Sampler and steps (defaults from the bundle's config) and the bundle's content hash."""
     from caldm.bundle import bundle_hash, read_bundle_config
 
@@ -367,7 +372,11 @@ def resolve_provenance(bundle: str, sampler: str | None, steps: int | None) -> P
     steps = steps if steps is not None else cfg.sampling.steps
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
-    return Provenance(bundle.rstrip("/"), bundle_hash(bundle), sampler, int(steps))
+    from caldm.pipeline import ABLATIONS
+
+    if ablation not in ABLATIONS:
+        raise ConfigError(f"--ablation {ablation!r}: expected one of {', '.join(ABLATIONS)}")
+    return Provenance(bundle.rstrip("/"), bundle_hash(bundle), sampler, int(steps), ablation)
 
 
 def bundle_condition(bundle: str) -> LabelKind:
@@ -461,6 +470,7 @@ def generate_dataset(
     cpus_per_worker: float = 1.0,
     progress_every: float = 60.0,
     log: Callable[[str], None] = print,
+    ablation: str = "full",
 ) -> GenerateReport:
     """Sample ``per_label`` volumes per label at ``labels`` into ``out`` (module docstring).
 
@@ -476,7 +486,7 @@ def generate_dataset(
 
     out = out.rstrip("/")
     kind = bundle_condition(bundle)
-    prov = resolve_provenance(bundle, sampler, steps)
+    prov = resolve_provenance(bundle, sampler, steps, ablation)
     image_shape = tuple(read_bundle_config(bundle).model.image_shape)
     plan = plan_samples(DatasetLayout(labels), kind, per_label)
     remove_stale_temp_files(out, kind)

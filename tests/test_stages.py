@@ -1,0 +1,151 @@
+"""Hand-checkable specs of the stage steps (caldm/stages.py): what goes where.
+
+Each test runs a real step function with stand-in modules whose outputs are known, so a wrong
+gather, a swapped channel or a misaligned label shows up as a wrong value, not only a shape.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from caldm.config import preset
+from caldm.stages import STAGES, StepContext, _guide, nhae_step
+
+
+class _Recorder(nn.Module):
+    """Returns ``fn(x)`` and remembers its input."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+        self.seen: list[torch.Tensor] = []
+        self.anchor = nn.Parameter(torch.zeros(()))  # a parameter, so .parameters() is not empty
+
+    def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
+        self.seen.append(x)
+        return self.fn(x, *rest)
+
+
+class _PlainLoss:
+    """A stand-in for HybridLoss: L1 only, no adversarial term."""
+
+    def adversarial_active(self, step: int) -> bool:
+        return False
+
+    def __call__(self, x, x_rec, fake_logits=None, mu=None, log_var=None):
+        loss = (x - x_rec).abs().mean()
+        return {"l1": loss, "loss": loss}
+
+
+def test_nhae_step_decodes_the_z_sr_slices_named_by_index() -> None:
+    """Slice j of item b is decoded from z_sr[b, :, index[b, j]] and compared with slices[b, j]."""
+    cfg = preset("tiny")
+    c, depth, hl, wl = cfg.model.z_sr_shape
+    b, s = 3, 2
+    index = torch.tensor([[0, depth - 1], [5, 5], [depth // 2, 1]])
+    # f_sr's output carries (item, slice) in its values: item * 1000 + slice
+    marks = torch.arange(b)[:, None] * 1000 + torch.arange(depth)[None, :]
+    z_sr = marks[:, None, :, None, None].float().expand(b, c, depth, hl, wl).contiguous()
+    mods = {
+        "enc3d": _Recorder(lambda x: (torch.zeros(b, 1), torch.zeros(b, 1))),
+        "f_sr": _Recorder(lambda z: z_sr),
+        "enc2d": _Recorder(lambda x: (torch.zeros(x.shape[0], c, hl, wl), None)),
+        "dec2d": _Recorder(lambda z: z[:, :1].mean((2, 3), keepdim=True).expand(-1, 1, 4, 4)),
+    }
+    h, w = 4, 4
+    slices = torch.randn(b, s, 1, h, w)
+    batch = {"thumbnail": torch.zeros(b, 1, 2, 2, 2), "slices": slices, "index": index}
+    out = nhae_step(mods, batch, StepContext(cfg, hybrid=_PlainLoss()))
+    decoded_marks = mods["dec2d"].seen[0][:, 0, 0, 0]  # (B*S,) the marks of the gathered slices
+    want = (torch.arange(b)[:, None] * 1000 + index).flatten().float()
+    torch.testing.assert_close(decoded_marks, want)
+    # the reconstruction is compared with the real slices in the same (item, slice) order
+    torch.testing.assert_close(out.real, slices.flatten(0, 1))
+    assert out.fake.shape == out.real.shape
+
+
+def _conditioned_ctx(dropout: float, seed: int = 0) -> StepContext:
+    cfg = preset("tiny")
+    cfg.model.condition.dropout = dropout
+    return StepContext(cfg, condition="layers", generator=torch.Generator().manual_seed(seed))
+
+
+def test_guide_puts_extra_channels_first_then_condition_features() -> None:
+    """The refiner's input is [x_t, z_sr (scaled), condition features]: extra first."""
+    ctx = _conditioned_ctx(dropout=0.0)
+    extra = torch.full((2, 4, 3, 3), 7.0)
+    cond = _Recorder(lambda label: torch.full((label.shape[0], 5, 3, 3), -1.0))
+    batch = {"label": torch.zeros(2, 9, 6, 6)}
+    guide = _guide({"cond_refiner": cond}, "refiner", batch, ctx, extra)
+    assert guide.shape == (2, 9, 3, 3)
+    assert (guide[:, :4] == 7).all() and (guide[:, 4:] == -1).all()
+
+
+def test_guide_without_condition_is_the_extra_alone_or_nothing() -> None:
+    ctx = StepContext(preset("tiny"))
+    extra = torch.randn(2, 4, 3, 3)
+    assert torch.equal(_guide({}, "refiner", {}, ctx, extra), extra)
+    assert _guide({}, "diff3d", {}, ctx, None) is None
+
+
+def test_condition_dropout_zeroes_whole_items_at_the_configured_rate() -> None:
+    """Rows of condition features are dropped (all zeros) with probability ``dropout``; the
+    extra channels (z_sr) are never dropped."""
+    n = 4000
+    cond = _Recorder(lambda label: torch.ones(label.shape[0], 3, 2, 2))
+    batch = {"label": torch.zeros(n, 9, 4, 4)}
+    extra = torch.ones(n, 4, 2, 2)
+    for p in (0.0, 0.1, 0.5):
+        guide = _guide({"cond_refiner": cond}, "refiner", batch, _conditioned_ctx(p), extra)
+        feats = guide[:, 4:]
+        per_item = feats.flatten(1)
+        dropped = (per_item == 0).all(1)
+        kept = (per_item == 1).all(1)
+        assert bool((dropped | kept).all()), "an item was partly dropped"
+        assert abs(dropped.float().mean().item() - p) < 0.03, (p, dropped.float().mean())
+        assert (guide[:, :4] == 1).all()
+
+
+def test_only_diffusion_stages_train_a_condition_encoder() -> None:
+    for name, spec in STAGES.items():
+        trained = spec.trainable("layers")
+        if spec.diffusion:
+            assert trained == (*spec.trains, f"cond_{name}")
+        else:
+            assert trained == spec.trains
+        assert not set(spec.trains) & set(spec.frozen)
+
+
+def test_refiner_items_pair_slice_i_latents_with_slice_i_label(tmp_path) -> None:
+    """A refiner item holds z_sr/z_hr of slice i and the label reduced from B-scan i."""
+    import numpy as np
+
+    from caldm.data.datasets import LatentDataset, write_latent_source, write_latents
+    from caldm.data.io import write_volume
+    from caldm.data.labels import encoder_grid, reduce_label
+
+    cfg = preset("tiny")
+    cfg.data.augment.shift = 0.0  # alignment alone: no joint shift
+    cfg.data.slices_per_volume = 6
+    c, d, hl, wl = cfg.model.z_sr_shape
+    _, h, w = cfg.model.image_shape
+    classes = cfg.model.condition.layer_classes
+    # slice i's layer boundaries sit at a depth that grows with i: each B-scan differs
+    depth = np.arange(h)[None, :, None]
+    edges = 4 + 2 * np.arange(d)[:, None, None]
+    label = np.clip((depth - edges) // 3 + 1, 0, classes - 1).astype(np.uint8)
+    label = np.broadcast_to(label, (d, h, w)).copy()
+    data = tmp_path / "data"
+    write_volume(str(data / "labels/layers/v0.nii.gz"), label)
+    latents = str(tmp_path / "latents")
+    z_sr = np.broadcast_to(np.arange(d, dtype=np.float32)[None, :, None, None], (c, d, hl, wl))
+    write_latents(f"{latents}/v0.safetensors", np.zeros(cfg.model.latent_shape), z_sr, -z_sr)
+    write_latent_source(latents, str(data))
+    reduced = reduce_label(label, "layers", encoder_grid(cfg, "layers", "refiner"), classes)
+    items = iter(LatentDataset(latents, cfg, "refiner", condition="layers"))
+    for _ in range(6):
+        item = next(items)
+        i = int(item["z_sr"][0, 0, 0])
+        assert torch.equal(item["z_hr"], -item["z_sr"])
+        torch.testing.assert_close(item["label"], torch.as_tensor(reduced[:, i]).float())

@@ -294,3 +294,154 @@ def mean_std(values: list[float] | np.ndarray) -> dict[str, float]:
     if v.size == 0:
         raise ValueError("no values")
     return {"mean": float(v.mean()), "std": float(v.std())}
+
+
+# ------------------------------------------------------------------ label fidelity (Table 2)
+# Segmentation metrics of the paper's Table 2 on integer label maps (numpy or torch). Layer
+# maps follow the dataset convention: class 0 is background (above and below the retina) and
+# classes 1..C-1 are stacked top to bottom along the depth axis.
+
+
+def _one_hot(label: np.ndarray | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(...) integer map -> (1, C, ...) float one-hot, the layout MONAI's metrics take."""
+    t = torch.as_tensor(np.asarray(label), dtype=torch.long)
+    return F.one_hot(t, num_classes).movedim(-1, 0)[None].float()
+
+
+def _check_pair(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> None:
+    if np.shape(pred) != np.shape(ref):
+        raise ValueError(f"prediction {np.shape(pred)} and reference {np.shape(ref)} differ")
+    top = max(int(np.max(pred)), int(np.max(ref))) if np.size(ref) else 0
+    if top >= num_classes:
+        raise ValueError(f"class {top} found; expected classes 0..{num_classes - 1}")
+
+
+class MeanDice:
+    """Mean Dice over the foreground classes 1..C-1, one value per (prediction, reference)
+    pair, averaged over the pairs seen (a pair is typically one volume).
+
+    Per pair it is MONAI's ``compute_dice`` over all its pixels per class, averaged over the
+    classes present in the reference (a class absent from the reference is skipped, whatever
+    the prediction holds). ``metric(pred, ref)`` adds a pair and returns its value;
+    :meth:`aggregate` is the mean over pairs.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.values: list[float] = []
+
+    def __call__(self, pred: np.ndarray, ref: np.ndarray) -> float:
+        from monai.metrics import compute_dice
+
+        _check_pair(pred, ref, self.num_classes)
+        per_class = compute_dice(
+            _one_hot(pred, self.num_classes),
+            _one_hot(ref, self.num_classes),
+            include_background=False,
+            ignore_empty=True,  # NaN for classes missing from the reference
+        )
+        value = float(torch.nanmean(per_class))
+        self.values.append(value)
+        return value
+
+    def aggregate(self) -> float:
+        return float(np.mean(self.values)) if self.values else float("nan")
+
+
+class ArteryVeinIoU:
+    """IoU of arteries (class 1) and veins (class 2) of en-face vessel maps (the paper's IoU-A
+    and IoU-V), one pair per volume, averaged over pairs.
+
+    Per pair it is MONAI's ``compute_iou``; a class absent from both maps counts as IoU 1, absent
+    only from the reference as 0 (a false vessel is an error). ``metric(pred, ref)`` returns
+    ``{"iou_a", "iou_v"}`` of that pair; :meth:`aggregate` the means.
+    """
+
+    def __init__(self) -> None:
+        self.values: list[dict[str, float]] = []
+
+    def __call__(self, pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+        from monai.metrics import compute_iou
+
+        _check_pair(pred, ref, 3)
+        iou = compute_iou(_one_hot(pred, 3), _one_hot(ref, 3), include_background=False,
+                          ignore_empty=False)[0]
+        value = {"iou_a": float(iou[0]), "iou_v": float(iou[1])}
+        self.values.append(value)
+        return value
+
+    def aggregate(self) -> dict[str, float]:
+        keys = ("iou_a", "iou_v")
+        if not self.values:
+            return {k: float("nan") for k in keys}
+        return {k: float(np.mean([v[k] for v in self.values])) for k in keys}
+
+
+def layer_boundaries(label: np.ndarray, num_classes: int, axis: int = -2) -> np.ndarray:
+    """Depth of every boundary between consecutive layer classes, per A-scan.
+
+    Boundary c (c = 1..C-1) is the top of class c: in each A-scan (a line along ``axis``, the
+    depth), the index of the first pixel whose class is >= c. A layer that thins out to nothing
+    thus puts its boundary on the next one, as layer surfaces do. An A-scan with no class >= c
+    has no boundary c: its depth is the A-scan length (just below the scan).
+
+    Returns int64 of shape (C-1, *A-scan grid) (``label``'s shape without ``axis``).
+    """
+    lab = np.moveaxis(np.asarray(label), axis, -1)
+    depth = lab.shape[-1]
+    out = np.empty((num_classes - 1, *lab.shape[:-1]), np.int64)
+    for c in range(1, num_classes):
+        below = lab >= c
+        first = below.argmax(axis=-1)
+        first[~below.any(axis=-1)] = depth
+        out[c - 1] = first
+    return out
+
+
+class BoundaryMAD:
+    """Layer-boundary mean absolute distance (MAD, pixels along depth; the paper's Table 2).
+
+    For a (prediction, reference) pair of layer maps, with boundaries as in
+    :func:`layer_boundaries` (the top of each class 1..C-1, per A-scan): MAD is the mean of
+    ``|depth_pred - depth_ref|`` over every boundary and A-scan where the reference has that
+    boundary. Reference boundaries that do not exist (no class >= c in that A-scan) are not
+    scored; a boundary the prediction lacks sits at the A-scan length, so leaving a layer out
+    costs its distance to the bottom of the scan. A pair whose reference has no boundary at all
+    is NaN. ``axis`` is the depth axis (-2 for H x W B-scans and D x H x W volumes).
+    ``metric(pred, ref)`` returns the pair's MAD; :meth:`aggregate` the mean over pairs.
+    """
+
+    def __init__(self, num_classes: int, axis: int = -2) -> None:
+        self.num_classes = num_classes
+        self.axis = axis
+        self.values: list[float] = []
+
+    def __call__(self, pred: np.ndarray, ref: np.ndarray) -> float:
+        _check_pair(pred, ref, self.num_classes)
+        depth = np.shape(ref)[self.axis]
+        zp = layer_boundaries(pred, self.num_classes, self.axis)
+        zr = layer_boundaries(ref, self.num_classes, self.axis)
+        scored = zr < depth
+        value = float(np.abs(zp - zr)[scored].mean()) if scored.any() else float("nan")
+        self.values.append(value)
+        return value
+
+    def aggregate(self) -> float:
+        return float(np.nanmean(self.values)) if self.values else float("nan")
+
+
+def vessel_contrast(volume: np.ndarray, vessels: np.ndarray) -> float:
+    """How much the en-face mean projection darkens where the en-face label has vessels.
+
+    ``(mean outside - mean inside) / std outside`` of ``volume.mean(axis=1)`` (D x W), with
+    inside = label > 0: positive when vessels shade the layers below them (as in OCT), about 0
+    when the image ignores the vessel label. NaN when the label has no vessels or no background.
+    """
+    proj = np.asarray(volume, np.float64).mean(axis=1)
+    inside = np.asarray(vessels) > 0
+    if proj.shape != inside.shape:
+        raise ValueError(f"en-face projection {proj.shape} and vessel map {inside.shape} differ")
+    if inside.all() or not inside.any():
+        return float("nan")
+    out = proj[~inside]
+    return float((out.mean() - proj[inside].mean()) / max(out.std(), 1e-12))

@@ -372,3 +372,71 @@ def test_start_run_leaves_no_tracking_uri_behind(
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert "MLFLOW_EXPERIMENT_ID" not in os.environ
     assert tracking.tracking_uri(str(tmp_path / "b")).endswith("b/mlflow.db")
+
+
+# --- label fidelity metrics (Table 2) ---------------------------------------------------------
+
+
+def _layered_bscan(tops: list[int], h: int = 40, w: int = 12) -> np.ndarray:
+    """An H x W layer map whose class c starts at row tops[c-1] (background 0 above and below
+    the last class, which ends 5 rows after its top)."""
+    lab = np.zeros((h, w), np.uint8)
+    for c, top in enumerate(tops, 1):
+        lab[top:] = c
+    lab[tops[-1] + 5 :] = 0
+    return lab
+
+
+def test_boundary_mad_hand_checked() -> None:
+    ref = _layered_bscan([5, 10, 16, 22])  # 5 classes, 4 boundaries
+    shifted = np.roll(ref, 3, axis=0)  # the whole retina 3 px deeper: every boundary moves 3
+    assert metrics.BoundaryMAD(5)(shifted, ref) == pytest.approx(3.0)
+    one = _layered_bscan([5, 13, 16, 22])  # only boundary 2 moved by 3 px: 3 / 4 boundaries
+    assert metrics.BoundaryMAD(5)(one, ref) == pytest.approx(0.75)
+    # A prediction without the last class: its boundary sits at the A-scan length (40).
+    missing = ref.copy()
+    missing[missing == 4] = 0
+    assert metrics.BoundaryMAD(5)(missing, ref) == pytest.approx((40 - 22) / 4)
+    # Volumes (D x H x W) use the same depth axis; the mean over pairs is their mean.
+    mad = metrics.BoundaryMAD(5)
+    mad(np.stack([shifted, ref]), np.stack([ref, ref]))
+    mad(ref, ref)
+    assert mad.aggregate() == pytest.approx((1.5 + 0.0) / 2)
+    # A layer that thins out to nothing puts its boundary on the next one.
+    thin = _layered_bscan([5, 10, 10, 22])
+    assert metrics.layer_boundaries(thin, 5)[:, 0].tolist() == [5, 10, 10, 22]
+
+
+def test_mean_dice_and_iou_hand_checked() -> None:
+    ref = np.zeros((8, 8), np.uint8)
+    ref[0:4, 0:4] = 1  # 16 px
+    ref[4:8, 4:8] = 2  # 16 px
+    pred = np.zeros_like(ref)
+    pred[0:4, 2:6] = 1  # overlaps class 1 on 8 px: Dice 2*8/32 = 0.5, IoU 8/24
+    pred[4:8, 4:8] = 2  # exact: Dice 1, IoU 1
+    dice = metrics.MeanDice(3)
+    assert dice(pred, ref) == pytest.approx(0.75)
+    assert dice(ref, ref) == pytest.approx(1.0)
+    assert dice.aggregate() == pytest.approx(0.875)
+    # A class absent from the reference is skipped (not counted as 0 or 1).
+    assert metrics.MeanDice(4)(pred, ref) == pytest.approx(0.75)
+    iou = metrics.ArteryVeinIoU()
+    assert iou(pred, ref) == pytest.approx({"iou_a": 8 / 24, "iou_v": 1.0})
+    no_veins = ref.copy()
+    no_veins[no_veins == 2] = 0
+    # A vein predicted where the reference has none is an error: IoU-V 0.
+    assert iou(pred, no_veins)["iou_v"] == 0.0
+    with pytest.raises(ValueError, match="class 3"):
+        metrics.MeanDice(3)(pred + 1, ref)
+
+
+def test_vessel_contrast() -> None:
+    rng = np.random.default_rng(0)
+    volume = rng.normal(100, 5, (16, 8, 16))
+    vessels = np.zeros((16, 16), np.uint8)
+    vessels[:, 4:6] = 1
+    assert abs(metrics.vessel_contrast(volume, vessels)) < 1.0  # no shadow: about 0
+    shaded = volume.copy()
+    shaded[:, 3:, 4:6] *= 0.5  # shadows below the vessel
+    assert metrics.vessel_contrast(shaded, vessels) > 5.0
+    assert np.isnan(metrics.vessel_contrast(volume, np.zeros((16, 16), np.uint8)))

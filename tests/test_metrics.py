@@ -440,3 +440,25 @@ def test_vessel_contrast() -> None:
     shaded[:, 3:, 4:6] *= 0.5  # shadows below the vessel
     assert metrics.vessel_contrast(shaded, vessels) > 5.0
     assert np.isnan(metrics.vessel_contrast(volume, np.zeros((16, 16), np.uint8)))
+
+
+class _PooledFeatures(torch.nn.Module):
+    """A cheap stand-in for the Inception: 2048 pooled pixels (the extractor is tested above)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, (32, 64)).flatten(1)
+
+
+def test_evaluate_volumes_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from caldm.distributed.evaluation import evaluate_volumes
+    from caldm.nn.nets import inception
+
+    monkeypatch.setattr(inception, "build_fid_inception", lambda w: (_PooledFeatures(), "pooled"))
+
+    real = [make_phantom(SHAPE, i)[0] for i in range(2)]
+    same = evaluate_volumes(real, [v.copy() for v in real], max_slices_per_volume=2)
+    assert same["intra_fid"] == pytest.approx(0, abs=1e-6) and same["inter_fid"] < 1e-6
+    assert same["tv"]["ratio"] == pytest.approx(1.0)
+    assert all(v["ratio"] == pytest.approx(1.0) for v in same["slice_consistency"].values())
+    noisy = evaluate_volumes(real, [_noise(SHAPE, i) for i in range(2)], max_slices_per_volume=2)
+    assert noisy["tv"]["ratio"] > 2 and noisy["intra_fid"] > 0.1

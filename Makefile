@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test demo lint install clean
+.PHONY: test test-autoscale demo lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q tests
+
+# Jobs growing Ray's fake autoscaling cluster from zero nodes (slow: nodes come and go).
+test-autoscale: $(STAMP)
+	$(PY) -m pytest -q -m autoscale tests/test_autoscale.py
 
 demo: $(STAMP)
 	$(PY) jobs/pipeline.py --out demo

@@ -27,7 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="bundle with enc3d, f_sr and enc2d")
     p.add_argument("--data", required=True, help="dataset URL (local path or s3://)")
     p.add_argument("--out", required=True, help="latent cache URL to write")
-    p.add_argument("--actors", type=int, default=None, help="encoder actors (default: GPUs or 1)")
+    p.add_argument(
+        "--actors", type=int, default=1, help="encoder actors (default 1; one per GPU on a cluster)"
+    )
+    p.add_argument(
+        "--gpus-per-actor", type=float, default=0.0, help="GPUs each actor takes (default 0)"
+    )
+    p.add_argument("--ids", metavar="IDS", help="only these volumes: a,b or DATA/split.json:train")
+    p.add_argument("--exclude", metavar="IDS", help="volumes to leave out (same forms as --ids)")
     return p
 
 
@@ -36,7 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from caldm.distributed.encode import encode_latents
 
     try:
-        stats = encode_latents(args.bundle, args.data, args.out, concurrency=args.actors)
+        from caldm.data.layout import parse_ids
+
+        stats = encode_latents(
+            args.bundle, args.data, args.out, args.actors, args.gpus_per_actor,
+            ids=parse_ids(args.ids), exclude=parse_ids(args.exclude),
+        )  # fmt: skip
     except CaldmError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Evaluate a synthetic dataset against a real one: Intra-FID, Inter-FID and TV (a Ray Data job).
 
     python jobs/evaluate.py --real URL --synthetic URL --out FILE.json \
-        [--inception-weights URL] [--max-slices-per-volume N] [--batch-size B] [--num-gpus G]
+        [--inception-weights URL] [--max-slices-per-volume N] [--batch-size B]
+        [--num-gpus G | --workers W]
 
 Writes the report JSON to --out, a preview PNG beside it, and logs both to MLflow. Without
 --inception-weights a fixed-seed random Inception is used and the report says its values are
@@ -58,7 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="G",
-        help="GPU actors, one GPU each (default: every GPU of the cluster; 0: CPU)",
+        help="GPU actors, one GPU each (default 0: CPU actors)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="W",
+        help="without GPUs: up to W CPU feature actors (default 1)",
     )
     return p
 
@@ -76,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             num_gpus=args.num_gpus,
             out=args.out,
+            workers=args.workers,
         )
     except CaldmError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)

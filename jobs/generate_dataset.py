@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPUs per actor (default 1); writer tasks take 0.5 each",
     )
     p.add_argument(
+        "--ids", metavar="IDS", help="only these label volumes: a,b,c or DATA/split.json:test"
+    )
+    p.add_argument("--exclude", metavar="IDS", help="label volumes to leave out (as --ids)")
+    p.add_argument(
         "--progress-every",
         type=float,
         default=60.0,
@@ -95,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from caldm.data.layout import parse_ids
     from caldm.distributed.generate import generate_dataset
 
     try:
@@ -110,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cpus_per_worker=args.cpus_per_worker,
             progress_every=args.progress_every,
             ablation=args.ablation,
+            ids=parse_ids(args.ids),
+            exclude=parse_ids(args.exclude),
         )
     except CaldmError as exc:
         print(f"generate_dataset: {exc}", file=sys.stderr)

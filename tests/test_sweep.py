@@ -202,13 +202,17 @@ def test_refiner_needs_a_latent_cache(root: Path, tmp_path: Path, capsys) -> Non
     assert rc == 2 and "encode_latents" in err and str(root / "data") in err
 
 
-def test_max_concurrent_trials_follows_gpus() -> None:
-    from caldm.distributed.sweep import max_concurrent_trials
-
-    assert max_concurrent_trials(0, 1, 0.0) == 1  # CPU only: one at a time
-    assert max_concurrent_trials(8, 2, 1.0) == 4
-    assert max_concurrent_trials(8, 1, 0.5) == 16
-    assert max_concurrent_trials(1, 2, 1.0) == 1
+def test_concurrency_below_one_fails_before_any_trial(
+    root: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    rc = sweep(
+        "--target", "adaptor", "--bundle", root / "init", "--data", root / "data",
+        "--out", out, "--concurrency", "0", *SWEEP,
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--concurrency 0" in err
+    assert not out.exists()
 
 
 def test_bundle_without_adaptors_frees_their_config(root: Path, tmp_path: Path) -> None:

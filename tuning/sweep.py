@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=PRESETS)
     p.add_argument("--workers-per-trial", type=int, default=1, metavar="W")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="trials at once (default 1); each takes W workers x G GPUs",
+    )
     p.add_argument("--search", default="random", choices=("random", "optuna"))
     p.add_argument(
         "--spaces", default=str(SPACES), help="search spaces YAML (default: %(default)s)"

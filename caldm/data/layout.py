@@ -100,3 +100,62 @@ class DatasetLayout:
         """Replace the manifest with ``records`` (atomic)."""
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
         write_bytes(self.manifest_url, text.encode("utf-8"))
+
+    @property
+    def split_url(self) -> str:
+        return f"{self.root}/split.json"
+
+    def write_split(
+        self, ids: list[str], test_fraction: float = 1 / 3, seed: int = 0
+    ) -> dict[str, Any]:
+        """Write ``split.json``: a seeded train/test split of ``ids`` (the paper's 2/3 : 1/3;
+        its own ids are not published). Returns it."""
+        if not 0 < test_fraction < 1:
+            raise DataError(self.split_url, f"test fraction {test_fraction} is not in (0, 1)")
+        import numpy as np
+
+        ordered = sorted(ids)
+        perm = np.random.default_rng(seed).permutation(len(ordered))
+        n_test = int(round(len(ordered) * test_fraction))
+        test = sorted(ordered[i] for i in perm[:n_test])
+        split = {
+            "train": [i for i in ordered if i not in set(test)],
+            "test": test,
+            "seed": seed,
+            "test_fraction": test_fraction,
+            "source": "seeded (the paper's split ids are not published)",
+        }
+        write_bytes(self.split_url, json.dumps(split, indent=1).encode("utf-8"))
+        return split
+
+
+def parse_ids(spec: str | None) -> list[str] | None:
+    """Volume ids from a command line: ``a,b,c``, or a split file ``URL/split.json:train``
+    (``:test``; a plain ``.json`` URL holds a JSON list). None for None."""
+    if spec is None:
+        return None
+    path, _, key = spec.rpartition(":") if spec.endswith((":train", ":test")) else (spec, "", "")
+    if not path.endswith(".json"):
+        return [s for s in (p.strip() for p in spec.split(",")) if s]
+    try:
+        data = json.loads(read_bytes(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"not JSON ({exc.msg})") from None
+    ids = data.get(key) if key and isinstance(data, dict) else data
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise DataError(path, f"expected a list of ids{f' under {key!r}' if key else ''}")
+    return ids
+
+
+def select_ids(
+    ids: list[str], keep: list[str] | None = None, exclude: list[str] | None = None, what: str = ""
+) -> list[str]:
+    """``ids`` narrowed to ``keep`` (all of which must exist) minus ``exclude``."""
+    if keep is not None:
+        missing = sorted(set(keep) - set(ids))
+        if missing:
+            raise DataError(what or "--ids", f"{missing[0]} is not among the {len(ids)} volumes "
+                                              f"({len(missing)} missing in all)")  # fmt: skip
+        ids = [i for i in ids if i in set(keep)]
+    drop = set(exclude or ())
+    return [i for i in ids if i not in drop]

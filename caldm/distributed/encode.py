@@ -8,8 +8,10 @@ For every volume of a dataset, with a trained NHAE from a bundle:
 
 written as ``<out>/<id>.safetensors`` with ``<out>/source.json`` (dataset and bundle URLs) and
 ``<out>/stats.json`` (mean and std of each latent over all volumes; the training stages scale
-latents by 1/std). An actor pool holds the networks (one GPU per actor when the cluster has
-GPUs). Rerunning skips volumes whose latents exist and only reads them back for the stats.
+latents by 1/std). An actor pool of ``actors`` holds the networks (``gpus_per_actor`` each):
+sized by the caller, never from the resources present at start, so on an autoscaling cluster
+that starts empty the pending actors are what makes it grow. Rerunning skips volumes whose
+latents exist and only reads them back for the stats.
 """
 
 from __future__ import annotations
@@ -93,11 +95,25 @@ class LatentEncoder:
         return {k: np.asarray(v) for k, v in rows.items()}
 
 
-def encode_latents(bundle: str, data: str, out: str, concurrency: int | None = None) -> dict:
+def encode_latents(
+    bundle: str,
+    data: str,
+    out: str,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    ids: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> dict:
     """Cache z, z_sr and z_hr of every volume of ``data`` under ``out``; returns the stats.
 
-    Raises a BundleError before any work when the bundle lacks enc3d, f_sr or enc2d.
+    ``ids`` / ``exclude`` narrow the volumes (e.g. a split's train part). Raises a BundleError
+    before any work when the bundle lacks enc3d, f_sr or enc2d.
     """
+    from caldm.errors import ConfigError
+
+    if actors < 1 or gpus_per_actor < 0:
+        raise ConfigError(f"--actors must be >= 1 and --gpus-per-actor >= 0 ({actors}, "
+                          f"{gpus_per_actor})")  # fmt: skip
     import ray
 
     from caldm.data.datasets import write_latent_source
@@ -109,19 +125,19 @@ def encode_latents(bundle: str, data: str, out: str, concurrency: int | None = N
     bundle, data, out = absolute(bundle), absolute(data), absolute(out)
     require(bundle, NEEDS, "encoding latents (the trained NHAE and slice encoder)")
     read_bundle_config(bundle)
-    ids = DatasetLayout(data).ids()
+    from caldm.data.layout import select_ids
+
+    ids = select_ids(DatasetLayout(data).ids(), ids, exclude, what=f"--ids (volumes of {data})")
     ensure_ray()
     ray.data.DataContext.get_current().print_on_execution_start = False  # a page of settings
-    gpus = ray.cluster_resources().get("GPU", 0)
-    concurrency = concurrency or max(1, min(len(ids), int(gpus) or 1))
     stats_rows = (
         ray.data.from_items([{"id": i} for i in ids])
         .map_batches(
             LatentEncoder,
             fn_constructor_kwargs={"bundle": bundle, "data": data, "out": out},
             batch_size=1,
-            concurrency=concurrency,
-            num_gpus=1 if gpus else 0,
+            concurrency=max(1, min(actors, len(ids))),
+            num_gpus=gpus_per_actor,
             num_cpus=1,
         )
         .take_all()

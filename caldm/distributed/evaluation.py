@@ -120,15 +120,6 @@ class PlaneFeatures:
         return batch
 
 
-def _gpu_actors(ray: Any, num_gpus: int | None) -> int:
-    available = int(ray.cluster_resources().get("GPU", 0))
-    if num_gpus is None:
-        return available
-    if num_gpus > available:
-        raise CaldmError(f"--num-gpus {num_gpus}: the Ray cluster has {available} GPU(s)")
-    return num_gpus
-
-
 def compute_report(
     real: str,
     synthetic: str,
@@ -136,13 +127,20 @@ def compute_report(
     max_slices_per_volume: int = 16,
     batch_size: int = 32,
     num_gpus: int | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Run the Ray Data pipeline and return the report (see :func:`evaluate`)."""
+    """Run the Ray Data pipeline and return the report (see :func:`evaluate`).
+
+    The feature actors are ``num_gpus`` actors of one GPU each, or without GPUs a pool of 1 to
+    ``workers`` CPU actors: sized by the caller, never from the resources present at start, so
+    on an autoscaling cluster that starts empty the pending actors make it grow.
+    """
     if max_slices_per_volume < 2:
         raise CaldmError(f"--max-slices-per-volume must be >= 2, got {max_slices_per_volume}")
-    if batch_size < 1 or (num_gpus is not None and num_gpus < 0):
+    if batch_size < 1 or (num_gpus is not None and num_gpus < 0) or workers < 1:
         raise CaldmError(
-            f"--batch-size must be >= 1 and --num-gpus >= 0 ({batch_size}, {num_gpus})"
+            f"--batch-size and --workers must be >= 1 and --num-gpus >= 0 ({batch_size}, "
+            f"{workers}, {num_gpus})"
         )
     from caldm.nn.nets.inception import build_fid_inception
 
@@ -159,13 +157,11 @@ def compute_report(
         for name in SETS
         for sample_id, url in volumes[name]
     ]
-    gpus = _gpu_actors(ray, num_gpus)
-    if gpus:
-        pool = ray.data.ActorPoolStrategy(size=gpus)
+    if num_gpus:
+        pool = ray.data.ActorPoolStrategy(size=num_gpus)
         actor_resources = {"num_gpus": 1}
     else:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus - 1))
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=workers)
         actor_resources = {"num_cpus": 1}
     features = (
         ray.data.from_items(items, override_num_blocks=len(items))
@@ -286,6 +282,7 @@ def evaluate(
     batch_size: int = 32,
     num_gpus: int | None = None,
     out: str | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Intra-FID, Inter-FID and TV of ``synthetic`` against ``real`` (dataset roots).
 
@@ -298,8 +295,9 @@ def evaluate(
     on bad input.
     """
     report = compute_report(
-        real, synthetic, inception_weights, max_slices_per_volume, batch_size, num_gpus
-    )
+        real, synthetic, inception_weights, max_slices_per_volume, batch_size, num_gpus,
+        workers,
+    )  # fmt: skip
     if out is not None:
         write_outputs(report, out, real, synthetic, inception_weights)
     return report

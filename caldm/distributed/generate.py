@@ -471,6 +471,8 @@ def generate_dataset(
     progress_every: float = 60.0,
     log: Callable[[str], None] = print,
     ablation: str = "full",
+    ids: list[str] | None = None,
+    exclude: list[str] | None = None,
 ) -> GenerateReport:
     """Sample ``per_label`` volumes per label at ``labels`` into ``out`` (module docstring).
 
@@ -489,6 +491,12 @@ def generate_dataset(
     prov = resolve_provenance(bundle, sampler, steps, ablation)
     image_shape = tuple(read_bundle_config(bundle).model.image_shape)
     plan = plan_samples(DatasetLayout(labels), kind, per_label)
+    if ids is not None or exclude:  # --ids / --exclude: of the label volumes
+        from caldm.data.layout import select_ids
+
+        listed = sorted({row["label_id"] for row in plan})
+        keep = set(select_ids(listed, ids, exclude, what=f"--ids ({kind} labels of {labels})"))
+        plan = [row for row in plan if row["label_id"] in keep]
     remove_stale_temp_files(out, kind)
     done = complete_samples(out, kind, prov)
     todo = [row for row in plan if row["id"] not in done]
@@ -528,13 +536,8 @@ def _run(
     from caldm.distributed.cluster import ensure_ray
 
     ray = ensure_ray(log_to_driver=False)
-    cpus = float(ray.cluster_resources().get("CPU", 0))
-    if workers * cpus_per_worker + 0.5 > cpus:
-        # Writer tasks need CPU too; with none left the actors' output piles up unwritten.
-        raise ConfigError(
-            f"--workers {workers} x --cpus-per-worker {cpus_per_worker} leaves no CPU for "
-            f"writer tasks on a cluster of {cpus:g} CPUs (each takes 0.5)"
-        )
+    # The pool is --workers actors whatever the cluster holds now: on an autoscaling cluster
+    # that starts empty, these pending actors (and the writer tasks) are what grow it.
     # One block per sample: blocks are the unit an actor takes, so this spreads the work.
     samples = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
         SamplerActor,

@@ -11,8 +11,9 @@ trial's workers evaluate on held-out volumes (the last ``holdout`` ids, never tr
 - refiner: the denoising loss on held-out latent slices at fixed timesteps and fixed noise,
   as epsilon MSE so that epsilon- and v-prediction trials compare on one scale.
 
-ASHA stops poor trials; concurrency follows the cluster's GPUs. Every trial is one MLflow run
-(experiment ``caldm-sweep-<target>``). Layout of ``<out>``::
+ASHA stops poor trials; ``concurrency`` trials run at once (the caller's choice, never read
+from the resources present at start: on an autoscaling cluster the pending trials grow it).
+Every trial is one MLflow run (experiment ``caldm-sweep-<target>``). Layout of ``<out>``::
 
     sweep.json          what was swept (a rerun must match it)
     <target>/           the Tune experiment (a rerun with the same --out resumes it)
@@ -330,6 +331,7 @@ class SweepRequest:
     preset: str | None = "tiny"
     workers_per_trial: int = 1
     gpus_per_worker: float = 0.0
+    concurrency: int = 1  # trials at once
     search: str = "random"
     condition: str | None = None
     holdout: int = 1
@@ -372,7 +374,11 @@ def check(req: SweepRequest) -> SweepPlan:
         raise ConfigError(f"--search {req.search!r}: choose one of {', '.join(SEARCHES)}")
     if req.condition and req.target != "refiner":
         raise ConfigError(f"--condition: only the refiner is label-conditioned, not {req.target}")
-    for name, value in (("--samples", req.samples), ("--max-steps", req.max_steps)):
+    for name, value in (
+        ("--samples", req.samples),
+        ("--max-steps", req.max_steps),
+        ("--concurrency", req.concurrency),
+    ):
         if value < 1:
             raise ConfigError(f"{name} {value}: need at least 1")
     if req.holdout < 1:
@@ -528,13 +534,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
-def max_concurrent_trials(cluster_gpus: float, workers: int, gpus_per_worker: float) -> int:
-    """Trials that fit on the cluster's GPUs at once; one at a time without GPUs."""
-    if cluster_gpus <= 0 or gpus_per_worker <= 0:
-        return 1
-    return max(1, int(cluster_gpus // (workers * gpus_per_worker)))
-
-
 @dataclass
 class SweepResult:
     best_config: str  # <out>/best.yaml
@@ -546,7 +545,6 @@ class SweepResult:
 
 def sweep(req: SweepRequest) -> SweepResult:
     """Check, run (or resume) the sweep, write ``best.yaml`` and ``trials.csv``."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -580,8 +578,7 @@ def sweep(req: SweepRequest) -> SweepResult:
             experiment, trainable, resume_errored=True, storage_filesystem=storage_fs
         )
     else:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        concurrency = max_concurrent_trials(gpus, req.workers_per_trial, req.gpus_per_worker)
+        concurrency = req.concurrency
         if req.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 

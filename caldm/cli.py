@@ -61,7 +61,9 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 def _cmd_import_octa500(args: argparse.Namespace) -> int:
     from caldm.data.octa500 import import_octa500
 
-    failures = import_octa500(args.src, args.dst, workers=args.workers)
+    failures = import_octa500(
+        args.src, args.dst, workers=args.workers, split=args.split, split_seed=args.split_seed
+    )
     return 1 if failures else 0
 
 
@@ -118,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="an OCTA-500 subset folder such as OCTA_6mm (holding OCT/<id>/)")
     p.add_argument("dst", help="dataset URL to write (local path or s3://)")
     p.add_argument("--workers", type=int, default=4, help="volumes imported in parallel")
+    p.add_argument(
+        "--split",
+        action="store_true",
+        help="write DST/split.json: seeded 2/3 train, 1/3 test (the paper's proportions)",
+    )
+    p.add_argument("--split-seed", type=int, default=0, help="seed of --split (default 0)")
 
     p = add("sample", _cmd_sample, "Sample one volume from a bundle into a NIfTI file.")
     p.add_argument("--bundle", required=True, help="bundle URL (local path or s3://)")

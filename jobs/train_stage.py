@@ -35,10 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="model bundle with the frozen modules / weights to start from")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G")
+    p.add_argument(
+        "--accelerator-type",
+        metavar="CARD",
+        help="run every worker on this card, e.g. A10G or L4 (never a mix)",
+    )
     p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), help="DeepSpeed ZeRO (default 2)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides train.max_steps)")
     p.add_argument(
         "--condition", choices=("layers", "vessels"), help="label-guided fine-tune (diff3d/refiner)"
+    )
+    p.add_argument(
+        "--ids",
+        metavar="IDS",
+        help="train only on these volumes: a,b,c or DATA/split.json:train (caldm import-octa500 "
+        "--split)",
+    )
+    p.add_argument(
+        "--exclude", metavar="IDS", help="volumes never trained on (same forms as --ids)"
     )
     p.add_argument("--config", dest="config_file", metavar="FILE", help="YAML config on top")
     p.add_argument(
@@ -54,10 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from caldm.data.layout import parse_ids
     from caldm.distributed.train import TrainingFailed, TrainRequest, train
 
-    request = TrainRequest(**{**vars(args), "overrides": tuple(args.overrides)})
     try:
+        ids, exclude = parse_ids(args.ids), parse_ids(args.exclude)
+        fields = {k: v for k, v in vars(args).items() if k not in ("ids", "exclude")}
+        request = TrainRequest(
+            **fields,
+            overrides=tuple(args.overrides),
+            ids=tuple(ids) if ids is not None else None,
+            exclude_ids=tuple(exclude or ()),
+        )
         summary = train(request)
     except CaldmError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

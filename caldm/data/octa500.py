@@ -6,7 +6,8 @@ Source: one OCTA-500 subset folder such as ``OCTA_6mm`` or ``OCTA_3mm`` (any fss
   natural sort of the file names (``2.bmp`` before ``10.bmp``) gives the slice order D. The
   volume is written voxel-exact as uint8 D x H x W (400 x 640 x 400 for the 6 mm subset).
 
-Labels, looked up in the subset folder and in its ``GroundTruth/`` subfolder:
+Labels, looked up in the subset folder, in its ``GroundTruth/`` subfolder, and in the dataset
+root's ``GroundTruth/`` (the folder above the subset) and its ``GroundTruth/<subset>/``:
 
 - ``GT_Layers/<id>.mat`` -> ``labels/layers/<id>.nii.gz``. The release stores six retinal
   surfaces as heights: MATLAB variable ``Layer`` of shape (6, D, W), one row index (along H)
@@ -21,6 +22,10 @@ Not imported: the OCTA volumes (``OCTA/``), the projection maps, GT_LargeVessel,
 GT_Capillary, GT_FAZ (2D and 3D), the CAVF map and the text labels (age, gender, eye,
 disease). The voxel spacing in the affine assumes a 2 mm A-scan depth and a 3 or 6 mm field of
 view (from the subset name; 6 mm unless it names 3 mm).
+
+With ``split`` the dataset gets ``split.json``: a seeded 2/3 train, 1/3 test split of the
+imported ids (the paper's proportions, 203 / 97 of 300; its ids are not published). Training,
+encoding and generation take ``--ids DST/split.json:train`` (or ``--exclude``).
 
 Volumes import in parallel threads (BMP decoding and gzip release the GIL) with a progress
 bar; a bad volume is reported and the others still import.
@@ -93,7 +98,11 @@ def layers_from_surfaces(surfaces: np.ndarray, height: int) -> np.ndarray:
 
 
 def _find(src: str, folder: str, name: str) -> str | None:
-    for parent in (src, f"{src}/GroundTruth"):
+    root, _, subset = src.rpartition("/")
+    parents = [src, f"{src}/GroundTruth"]
+    if root:
+        parents += [f"{root}/GroundTruth", f"{root}/GroundTruth/{subset}"]
+    for parent in parents:
         url = f"{parent}/{folder}/{name}"
         if url_exists(url):
             return url
@@ -163,11 +172,14 @@ def import_volume(src: str, layout: DatasetLayout, sample_id: str) -> dict[str, 
     return record
 
 
-def import_octa500(src: str, dst: str, workers: int = 4) -> list[tuple[str, str]]:
+def import_octa500(
+    src: str, dst: str, workers: int = 4, split: bool = False, split_seed: int = 0
+) -> list[tuple[str, str]]:
     """Import every volume of an OCTA-500 subset folder ``src`` into the dataset at ``dst``.
 
     Returns the failures as ``(id, message)`` pairs (also printed to stderr at the end); the
-    other volumes are all written and added to ``manifest.jsonl``.
+    other volumes are all written and added to ``manifest.jsonl``. With ``split``, writes
+    ``<dst>/split.json`` over every volume of ``dst`` (module docstring).
     """
     src = src.rstrip("/")
     oct_dir = f"{src}/OCT"
@@ -190,6 +202,11 @@ def import_octa500(src: str, dst: str, workers: int = 4) -> list[tuple[str, str]
     layout.write_manifest(kept + [records[i] for i in ids if i in records])
     failures.sort(key=lambda f: natural_key(f[0]))
     print(f"imported {len(records)} of {len(ids)} volumes into {dst}", file=sys.stderr)
+    if split and records:
+        layout = DatasetLayout(dst)  # a fresh listing: the volumes just written
+        parts = layout.write_split(layout.ids(), seed=split_seed)
+        print(f"split: {len(parts['train'])} train, {len(parts['test'])} test -> "
+              f"{layout.split_url}", file=sys.stderr)  # fmt: skip
     for sample_id, message in failures:
         print(f"failed: {sample_id}: {message}", file=sys.stderr)
     return failures

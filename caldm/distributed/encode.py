@@ -118,16 +118,14 @@ def encode_latents(
 
     from caldm.data.datasets import write_latent_source
     from caldm.data.io import write_bytes
-    from caldm.data.layout import DatasetLayout
+    from caldm.data.layout import DatasetLayout, select_ids
     from caldm.distributed.cluster import ensure_ray
     from caldm.distributed.train import absolute
 
     bundle, data, out = absolute(bundle), absolute(data), absolute(out)
+    ids = select_ids(DatasetLayout(data).ids(), ids, exclude, what=f"--ids (volumes of {data})")
     require(bundle, NEEDS, "encoding latents (the trained NHAE and slice encoder)")
     read_bundle_config(bundle)
-    from caldm.data.layout import select_ids
-
-    ids = select_ids(DatasetLayout(data).ids(), ids, exclude, what=f"--ids (volumes of {data})")
     ensure_ray()
     ray.data.DataContext.get_current().print_on_execution_start = False  # a page of settings
     stats_rows = (

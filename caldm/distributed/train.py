@@ -105,11 +105,15 @@ class TrainRequest:
     overrides: tuple[str, ...] = ()
     workers: int = 1
     gpus_per_worker: float = 0.0
+    #: every worker on this card (cluster.yaml's accelerator_type:<card>, e.g. A10G)
+    accelerator_type: str | None = None
     zero_stage: int | None = None
     max_steps: int | None = None
-    # Hooks for drivers other than jobs/train_stage.py (e.g. tuning/sweep.py):
-    #: ids of volumes (or cached latents) the training stream skips: held out for validation.
+    #: ids of volumes (or cached latents) the training stream skips: held out (--exclude).
     exclude_ids: tuple[str, ...] = ()
+    #: when set, the only ids trained on (--ids, e.g. a split.json's train part).
+    ids: tuple[str, ...] | None = None
+    # Hooks for drivers other than jobs/train_stage.py (e.g. tuning/sweep.py):
     #: called on every rank before each checkpoint report; its metrics join the report.
     evaluate: Evaluate | None = None
     #: extra Ray Train callbacks (e.g. Tune's TuneReportCallback).
@@ -239,6 +243,8 @@ def plan(req: TrainRequest) -> TrainPlan:
         raise ConfigError(f"--condition {req.condition!r}: expected layers or vessels")
     if req.workers < 1:
         raise ConfigError(f"--workers {req.workers}: need at least one worker")
+    if req.accelerator_type and req.gpus_per_worker <= 0:
+        raise ConfigError(f"--accelerator-type {req.accelerator_type}: needs --gpus-per-worker")
     cfg = load_config(req.preset, req.config_file, list(req.overrides))
     if cfg.stage is not None and cfg.stage != req.stage:
         raise ConfigError(
@@ -285,17 +291,24 @@ def plan(req: TrainRequest) -> TrainPlan:
                 f"pass --condition {meta['condition']}"
             )
 
+    exclude = tuple(req.exclude_ids)
+    if req.ids is not None:  # --ids: everything else is held out
+        from caldm.data.layout import select_ids
+
+        listed = stage_dataset(req.stage, data, cfg, None).ids
+        keep = select_ids(listed, list(req.ids), what=f"--ids (volumes of {data})")
+        exclude += tuple(i for i in listed if i not in set(keep))
     num_classes = None
     latent_scale = 1.0
     if spec.diffusion:
-        training_dataset(req.stage, data, cfg, req.condition, req.exclude_ids, 0, req.workers)
+        training_dataset(req.stage, data, cfg, req.condition, exclude, 0, req.workers)
         std = latent_stats(data)["z" if req.stage == "diff3d" else "z_hr"]["std"]
         latent_scale = 1.0 / max(float(std), 1e-8)
         if req.condition == "layers":
             num_classes = _layer_classes(data, bundle, meta)
             cfg.model.condition.layer_classes = num_classes
     else:
-        training_dataset(req.stage, data, cfg, None, req.exclude_ids, 0, req.workers)
+        training_dataset(req.stage, data, cfg, None, exclude, 0, req.workers)
 
     return TrainPlan(
         stage=req.stage,
@@ -309,7 +322,7 @@ def plan(req: TrainRequest) -> TrainPlan:
         latent_scale=latent_scale,
         workers=req.workers,
         gpus_per_worker=req.gpus_per_worker,
-        exclude_ids=tuple(req.exclude_ids),
+        exclude_ids=exclude,
         evaluate=req.evaluate,
         experiment=req.experiment,
         run_name=req.run_name,
@@ -761,7 +774,10 @@ def train(req: TrainRequest) -> dict[str, Any]:
         _worker,
         train_loop_config={"plan": p},
         scaling_config=ScalingConfig(
-            num_workers=p.workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=p.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            accelerator_type=req.accelerator_type,
         ),
         run_config=RunConfig(
             name=p.stage,  # fixed: a rerun finds this run's checkpoints and resumes

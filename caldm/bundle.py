@@ -6,8 +6,9 @@
 <bundle>/bundle.json                 {"condition": null|"layers"|"vessels", "num_classes": n,
                                       "modules": [...], "sha256": {module: digest}}
 ```
-Any fsspec URL works (local path, ``s3://``). Each file is written whole in one call, so a
-reader never sees half a module.
+Any fsspec URL works (local path, ``s3://``). Each file is written atomically by
+:func:`caldm.data.io.write_bytes` (a unique temp name renamed into place locally, one upload
+on S3), so a reader never sees half a module and concurrent writers never share a temp file.
 """
 
 from __future__ import annotations
@@ -24,31 +25,9 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from caldm.config import Config, load_config, preset
-from caldm.errors import BundleError, ConfigError
+from caldm.data.io import join_url, read_bytes, read_json, write_bytes
+from caldm.errors import BundleError, ConfigError, DataError
 from caldm.nn.factory import COND_MODULES, MODULES, build
-
-
-def _join(url: str, name: str) -> str:
-    return url.rstrip("/") + "/" + name
-
-
-def _write_bytes(url: str, data: bytes) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if "file" in fs.protocol:  # local: write aside, then rename into place
-        tmp = path + ".tmp"
-        with fs.open(tmp, "wb") as fh:
-            fh.write(data)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def _read_bytes(url: str) -> bytes:
-    with fsspec.open(url, "rb") as fh:
-        return fh.read()
 
 
 @dataclass
@@ -82,15 +61,12 @@ def bundle_modules(url: str) -> list[str]:
 
 
 def read_meta(url: str) -> dict[str, Any]:
-    try:
-        return json.loads(_read_bytes(_join(url, "bundle.json")))
-    except FileNotFoundError:
-        return {}
+    return read_json(join_url(url, "bundle.json")) or {}
 
 
 def read_bundle_config(url: str) -> Config:
     try:
-        return load_config(None, _join(url, "config.yaml"))
+        return load_config(None, join_url(url, "config.yaml"))
     except ConfigError as exc:
         if "not found" in str(exc):
             raise BundleError(f"{url}: not a model bundle (no config.yaml)") from None
@@ -132,11 +108,13 @@ def load_module(url: str, name: str, cfg: Config, meta: dict[str, Any] | None = 
     if name in ("diff3d", "refiner") and name not in meta.get("conditioned", []):
         cond = None
     module = build(name, cfg, condition=cond, num_classes=meta.get("num_classes"))
-    file = _join(url, f"{name}.safetensors")
+    file = join_url(url, f"{name}.safetensors")
     try:
-        state = st_load(_read_bytes(file))
-    except FileNotFoundError:
-        raise BundleError(f"{file}: module {name} not in bundle") from None
+        state = st_load(read_bytes(file))
+    except DataError as exc:
+        if exc.problem == "file not found":
+            raise BundleError(f"{file}: module {name} not in bundle") from None
+        raise
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise BundleError(f"{file}: unreadable weights ({exc})") from None
     try:
@@ -173,7 +151,7 @@ def save_bundle(
     for name, module in modules.items():
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         data = st_save(state)
-        _write_bytes(_join(url, f"{name}.safetensors"), data)
+        write_bytes(join_url(url, f"{name}.safetensors"), data)
         meta.setdefault("sha256", {})[name] = hashlib.sha256(data).hexdigest()
     present = set(meta.get("modules", [])) | set(modules)
     meta["modules"] = sorted(present)
@@ -183,17 +161,31 @@ def save_bundle(
     meta.setdefault("condition", None)
     if conditioned:
         meta["conditioned"] = sorted(set(meta.get("conditioned", [])) | set(conditioned))
-    _write_bytes(_join(url, "config.yaml"), cfg.to_yaml().encode())
-    _write_bytes(_join(url, "bundle.json"), json.dumps(meta, indent=1).encode())
+    write_bytes(join_url(url, "config.yaml"), cfg.to_yaml().encode())
+    write_bytes(join_url(url, "bundle.json"), json.dumps(meta, indent=1).encode())
 
 
 def bundle_hash(url: str) -> str:
     """A content hash of a bundle (over its modules' digests and config)."""
     meta = read_meta(url)
-    h = hashlib.sha256(_read_bytes(_join(url, "config.yaml")))
+    h = hashlib.sha256(read_bytes(join_url(url, "config.yaml")))
     for name, digest in sorted(meta.get("sha256", {}).items()):
         h.update(f"{name}:{digest}".encode())
     return h.hexdigest()
+
+
+#: The modules that write the latent cache (Enc3D -> z, f_sr -> z_sr, Enc2D -> z_hr).
+NHAE_MODULES = ("enc3d", "f_sr", "enc2d")
+
+
+def nhae_hash(url: str) -> str:
+    """A content hash of the bundle's latent encoders (:data:`NHAE_MODULES`): equal for every
+    bundle of one training chain that carries the same NHAE, whatever else it holds."""
+    digests = read_meta(url).get("sha256", {})
+    missing = [n for n in NHAE_MODULES if n not in digests]
+    if missing:
+        raise BundleError(f"{url}: bundle.json has no digest of {', '.join(missing)}")
+    return hashlib.sha256("".join(f"{n}:{digests[n]};" for n in NHAE_MODULES).encode()).hexdigest()
 
 
 def init_bundle(

@@ -7,7 +7,8 @@ Samples N volumes per real label of the kind the bundle was fine-tuned on; rerun
 command resumes (complete samples are skipped). See caldm/distributed/generate.py for the
 layout, determinism and integrity guarantees. Connects to RAY_ADDRESS when set, else starts Ray
 locally. Exit status: 0 done; 2 a bad argument or input (one line on stderr naming the file or
-key), or some labels failed (listed in <out>/errors.jsonl; the other samples were made).
+key), or some labels or samples failed (listed in <out>/errors.jsonl, counted on the last
+line of stderr; every other sample was made; a rerun retries the failed ones).
 """
 
 from __future__ import annotations
@@ -122,7 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"generate_dataset: {exc}", file=sys.stderr)
         return 2
     for error in report.errors:
-        print(f"generate_dataset: {error['label']}: skipped ({error['error']})", file=sys.stderr)
+        what = error.get("sample") or error["label"]
+        print(f"generate_dataset: {what}: skipped ({error['error']})", file=sys.stderr)
+    if report.failed:
+        print(
+            f"generate_dataset: {report.failed_samples} sample(s) and {report.failed_labels} "
+            f"label(s) failed (listed in {args.out.rstrip('/')}/errors.jsonl); the other "
+            f"{report.generated + report.skipped} samples are made; rerun to retry",
+            file=sys.stderr,
+        )
     return 2 if report.failed else 0
 
 

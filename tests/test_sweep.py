@@ -235,3 +235,31 @@ def test_bundle_without_adaptors_frees_their_config(root: Path, tmp_path: Path) 
         else:
             with pytest.raises(ConfigError, match=r"another model \(model\.(k|adaptor\.)"):
                 plan(request)
+
+
+def test_asha_stops_trials_cleanly(root: Path, ray_cluster, tmp_path: Path) -> None:
+    """Enough trials that ASHA stops some (grace period 1 of 2 steps; a learning rate that
+    wrecks the adaptors next to a sane one): no trial ends in ERROR (a reused actor of a stopped
+    trial would still hold its workers), and every trial's MLflow run is closed with its final
+    status (stopped ones KILLED, not left RUNNING)."""
+    import mlflow
+
+    spaces = tmp_path / "spaces.yaml"
+    spaces.write_text("adaptor:\n  train.lr: {choice: [1.0e-4, 3.0]}\n")
+    out = tmp_path / "asha"
+    rc = sweep(
+        "--target", "adaptor", "--bundle", root / "init", "--data", root / "data",
+        "--out", out, "--spaces", spaces, "--samples", "4", "--max-steps", "2",
+        "--eval-every", "1", "--preset", "tiny",
+    )  # fmt: skip
+    assert rc == 0
+    rows = read_trials(out)
+    statuses = sorted(r["status"] for r in rows)
+    assert "error" not in statuses and "stopped" in statuses, rows
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    expect = {"done": "FINISHED", "stopped": "KILLED"}
+    for row in rows:
+        run_id = json.loads((out / "trials" / row["trial_id"] / "run.json").read_text())[
+            "mlflow_run_id"
+        ]
+        assert client.get_run(run_id).info.status == expect[row["status"]], row

@@ -175,13 +175,36 @@ def test_nhae_trains_enc3d_and_f_sr_only(nhae_run: Path, ae2d_run: Path) -> None
     assert_trained(nhae_run, ae2d_run / "bundle", ["enc3d", "f_sr"], ["enc2d", "dec2d"])
 
 
+def test_export_is_the_fp32_master_weights(nhae_run: Path) -> None:
+    """bf16 training: the bundle holds the optimizer's fp32 master weights (as DeepSpeed's
+    zero_to_fp32 reads them from the checkpoint), not the bf16 copies rounded up."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    summary = json.loads((nhae_run / "summary.json").read_text())
+    master = get_fp32_state_dict_from_zero_checkpoint(
+        str(Path(summary["checkpoint"]) / "model"), tag="state"
+    )
+    compared, finer_than_bf16 = 0, False
+    for name in ("enc3d", "f_sr"):
+        for key, value in weights(nhae_run / "bundle", name).items():
+            if f"trainable.{name}.{key}" in master:
+                want = master[f"trainable.{name}.{key}"].float()
+                np.testing.assert_array_equal(value, want.numpy(), err_msg=f"{name}.{key}")
+                compared += 1
+                finer_than_bf16 |= not torch.equal(want, want.bfloat16().float())
+    assert compared > 10 and finer_than_bf16
+
+
 def test_adaptor_zero3_trains_adaptors_only(adaptor_run: Path, nhae_run: Path) -> None:
     bundle = adaptor_run / "bundle"
     assert_trained(adaptor_run, nhae_run / "bundle", ["adaptors"], ["enc2d", "dec2d", "enc3d"])
     load_bundle(str(bundle))  # every module loads strictly
 
 
-def test_encode_latents_cache_stats_and_rerun(latents: Path, root: Path, adaptor_run) -> None:
+def test_encode_latents_cache_stats_and_rerun(
+    latents: Path, root: Path, adaptor_run, capsys
+) -> None:
     ids = sorted(p.stem for p in (root / "data" / "images").glob("*.nii.gz"))
     assert sorted(p.stem for p in latents.glob("*.safetensors")) == [i.split(".")[0] for i in ids]
     cfg = preset("tiny")
@@ -197,6 +220,16 @@ def test_encode_latents_cache_stats_and_rerun(latents: Path, root: Path, adaptor
     assert job.main([*args, "--out", str(latents)]) == 0  # resumable: nothing re-encoded
     assert (latents / "phantom_0000.safetensors").stat().st_mtime_ns == before
     assert json.loads((latents / "stats.json").read_text()) == stats
+    # Provenance: the cache records its encoders; another NHAE is refused by encoding into
+    # it and by training on it (root/init has other enc3d/f_sr/enc2d weights).
+    from caldm.bundle import nhae_hash
+
+    assert stats["nhae_hash"] == nhae_hash(str(adaptor_run / "bundle"))
+    other = ["--bundle", str(root / "init"), "--data", str(root / "data")]
+    assert job.main([*other, "--out", str(latents)]) == 2
+    assert train_stage("--stage", "diff3d", *TINY, "--data", latents, "--out",
+                       root / "other_nhae", "--bundle", root / "init") == 2  # fmt: skip
+    assert "latents encoded by another NHAE" in capsys.readouterr().err
 
 
 def test_diff3d_two_workers_zero2_one_shard_per_rank(diff3d_run: Path, adaptor_run) -> None:
@@ -211,21 +244,49 @@ def test_diff3d_two_workers_zero2_one_shard_per_rank(diff3d_run: Path, adaptor_r
 
 
 def test_conditioned_refiner_killed_after_checkpoint_resumes(
-    root: Path, latents: Path, diff3d_run: Path, monkeypatch
+    root: Path, latents: Path, diff3d_run: Path, monkeypatch, capsys
 ) -> None:
     out = root / "refiner"
     args = [
         "--stage", "refiner", "--preset", "tiny", "--max-steps", "4", "--data", latents,
         "--out", out, "--bundle", diff3d_run / "bundle", "--condition", "layers",
         "--set", "train.max_failures=0", "--set", "train.checkpoint_every=2",
+        "--zero-stage", "3",  # the EMA kept per rank on its partition, saved and restored
     ]  # fmt: skip
     monkeypatch.setenv("CALDM_FAIL_AFTER_STEP", "2")
     assert train_stage(*args) == 1  # the worker "dies" right after checkpointing step 2
     assert not (out / "summary.json").exists()
     monkeypatch.delenv("CALDM_FAIL_AFTER_STEP")
-    assert train_stage(*args) == 0
+    # Guarded resume: checkpoints of other settings are refused in one line naming the change.
+    capsys.readouterr()
+    for extra, named in (
+        (["--workers", "2"], "--workers 1 -> 2"),
+        (["--zero-stage", "2"], "--zero-stage 3 -> 2"),
+        (["--set", "train.lr=0.5"], "train.lr"),
+    ):
+        assert train_stage(*args, *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and named in err, err
+    run = json.loads((out / "run.json").read_text())
+    assert (run["world_size"], run["zero_stage"]) == (1, 3) and len(run["config_hash"]) == 64
+    import torch
+
+    states = glob.glob(str(out / "refiner" / "checkpoint_*" / "model" / "state" / "*states.pt"))
+    model_states = [s for s in states if s.endswith("model_states.pt")]
+    saved = torch.load(model_states[0], map_location="cpu", weights_only=False)
+    assert "ema" not in saved and len(saved["ema_shards"]) > 0  # a partition, no full copy
+    assert train_stage(*args, "--max-steps", "4") == 0  # the schedule may change; it does not
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["resumed_from_step"], summary["global_step"]) == (2, 4)
+
+    # The resume continued the same MLflow run (its id kept in run.json), now FINISHED.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("caldm-train").experiment_id])
+    assert tracked.info.run_id == run["mlflow_run_id"] and tracked.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(tracked.info.run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4]
 
     bundle = out / "bundle"
     meta = read_meta(str(bundle))

@@ -11,12 +11,18 @@ files, wrong dimensionality and non-finite values.
 
 Writes are atomic: a local file is written under a temporary name and renamed into place; an
 object store gets one upload of the fully built bytes (S3 never exposes a partial object).
+S3 uploads carry a SHA-256 additional checksum, which S3 checks on receipt and keeps with the
+object, so :func:`write_verified` can confirm what is stored on any bucket (an ETag is the MD5
+only without SSE-KMS or SSE-C, and never for multipart uploads).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
+import hashlib
+import json
 import os
 import uuid
 import zlib
@@ -65,7 +71,10 @@ def storage_errors(url: str) -> Iterator[None]:
         name = type(exc).__name__
         if name == "NoCredentialsError" or "credentials" in str(exc).lower():
             raise DataError(
-                url, "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                url,
+                "no S3 credentials: give this machine an instance profile, a shared "
+                "credentials file (AWS_SHARED_CREDENTIALS_FILE) or AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY",
             ) from None
         if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"):
             problem = f"cannot reach the storage endpoint ({_first_line(exc)})"
@@ -82,8 +91,26 @@ def read_bytes(url: str) -> bytes:
         return fs.cat_file(path)
 
 
+# The largest single PUT S3 accepts; larger objects go up in parts.
+_MAX_PUT = 5 * 2**30
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    return "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def sha256_b64(data: bytes) -> str:
+    """The base64 SHA-256 of ``data``, as S3 additional checksums carry it."""
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
 def write_bytes(url: str, data: bytes) -> None:
-    """Write ``data`` to ``url`` atomically (temp file + rename locally, one upload remotely)."""
+    """Write ``data`` to ``url`` atomically (temp file + rename locally, one upload remotely).
+
+    Local temp names are unique (``.<name>.<hex>.tmp``): concurrent writers of one file never
+    share a temp file, the last rename wins whole. On S3 the upload carries its SHA-256
+    (``ChecksumAlgorithm=SHA256``): S3 rejects a body that arrives different.
+    """
     fs, path = split_url(url)
     with storage_errors(url):
         if isinstance(fs, LocalFileSystem):
@@ -97,9 +124,77 @@ def write_bytes(url: str, data: bytes) -> None:
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
+        elif _is_s3(fs) and len(data) < _MAX_PUT:
+            # One PutObject (chunksize above the size: s3fs would otherwise go multipart).
+            fs.pipe_file(path, data, chunksize=_MAX_PUT, ChecksumAlgorithm="SHA256",
+                         ChecksumSHA256=sha256_b64(data))  # fmt: skip
         else:
-            # s3fs sends one PutObject (or a multipart upload that only appears when completed).
+            # A multipart upload (or another store's write): only appears when completed.
             fs.pipe_file(path, data)
+
+
+def write_verified(url: str, data: bytes) -> dict[str, Any]:
+    """Write ``data`` atomically, then check what the store holds; returns {"bytes", "sha256"}.
+
+    The size is read back everywhere. On S3 the object's stored SHA-256 checksum is compared
+    with the bytes written; a store that keeps none falls back to the ETag where it is the MD5
+    (no SSE-KMS or SSE-C, single part) and else to reading the object back. Raises DataError
+    naming ``url`` on a mismatch.
+    """
+    write_bytes(url, data)
+    fs, path = split_url(url)
+    digest = hashlib.sha256(data).hexdigest()
+    with storage_errors(url):
+        fs.invalidate_cache(path)
+        if not _is_s3(fs):
+            size = int(fs.info(path).get("size") or 0)
+            if size != len(data):
+                raise DataError(url, f"verification failed: {size} bytes, wrote {len(data)}")
+            return {"bytes": len(data), "sha256": digest}
+        bucket, key, _ = fs.split_path(path)
+        head = fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        if int(head.get("ContentLength", -1)) != len(data):
+            raise DataError(
+                url, f"verification failed: {head.get('ContentLength')} bytes, wrote {len(data)}"
+            )
+        stored = head.get("ChecksumSHA256")
+        etag = str(head.get("ETag") or "").strip('"')
+        encrypted = head.get("ServerSideEncryption") == "aws:kms" or head.get(
+            "SSECustomerAlgorithm"
+        )
+        if stored:
+            same = stored == sha256_b64(data)
+        elif etag and "-" not in etag and not encrypted:
+            same = etag == hashlib.md5(data).hexdigest()
+        else:
+            same = hashlib.sha256(fs.cat_file(path)).hexdigest() == digest
+    if not same:
+        raise DataError(url, "verification failed: the stored object differs from the bytes sent")
+    return {"bytes": len(data), "sha256": digest}
+
+
+def read_json(url: str) -> dict[str, Any] | None:
+    """The JSON object at ``url``; None when there is no file. DataError when unreadable."""
+    fs, path = split_url(url)
+    with storage_errors(url):
+        try:
+            raw = fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(url, f"not valid JSON ({_first_line(exc)})") from None
+
+
+def write_json(url: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``url``, atomically (see :func:`write_bytes`)."""
+    write_bytes(url, json.dumps(obj, indent=1).encode())
+
+
+def join_url(url: str, *parts: str) -> str:
+    """``url`` and ``parts`` joined with single slashes (local paths and URLs alike)."""
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
 
 def url_exists(url: str) -> bool:

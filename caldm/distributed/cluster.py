@@ -5,6 +5,44 @@ from __future__ import annotations
 import os
 from typing import Any
 
+# Settings that may travel to the workers (runtime env values are readable by anyone who can
+# list the cluster's actors, tasks or jobs, and land in the session's logs): where storage and
+# tracking are and how to find credentials, never the credentials themselves. Workers take
+# those from the standard AWS chain: an instance profile, the shared credentials file (or the
+# path in AWS_SHARED_CREDENTIALS_FILE), or, on a local cluster, the environment they inherit
+# from the process that started it.
+_FORWARD_AWS = (
+    "AWS_ENDPOINT_URL",  # and the per-service AWS_ENDPOINT_URL_S3 ...
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_CA_BUNDLE",
+    "AWS_EC2_METADATA_DISABLED",
+)
+_FORWARD_PREFIXES = ("MLFLOW_", "CALDM_", "TORCH_EXTENSIONS_DIR")
+#: Names of variables that are never forwarded, whatever their prefix.
+SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "SESSION", "CREDENTIALS_JSON")
+
+
+def is_secret(name: str) -> bool:
+    """Whether an environment variable's name says it holds a credential."""
+    upper = name.upper()
+    return any(marker in upper for marker in SECRET_MARKERS) and not upper.endswith("_FILE")
+
+
+def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment variables the driver forwards to Ray workers: storage endpoints and
+    regions, where credentials are (a file path, a profile name), tracking and test hooks;
+    never a secret key, session token or password (see :data:`SECRET_MARKERS`)."""
+    env = os.environ if environ is None else environ
+    return {
+        k: v
+        for k, v in env.items()
+        if (k.startswith(_FORWARD_AWS) or k.startswith(_FORWARD_PREFIXES)) and not is_secret(k)
+    }
+
 
 def ensure_ray(**init_kwargs: Any) -> Any:
     """Return the ``ray`` module, connected.

@@ -8,10 +8,12 @@ For every volume of a dataset, with a trained NHAE from a bundle:
 
 written as ``<out>/<id>.safetensors`` with ``<out>/source.json`` (dataset and bundle URLs) and
 ``<out>/stats.json`` (mean and std of each latent over all volumes; the training stages scale
-latents by 1/std). An actor pool of ``actors`` holds the networks (``gpus_per_actor`` each):
-sized by the caller, never from the resources present at start, so on an autoscaling cluster
-that starts empty the pending actors are what makes it grow. Rerunning skips volumes whose
-latents exist and only reads them back for the stats.
+latents by 1/std; ``nhae_hash``: the hash of the encoders that wrote the cache, which training
+and later encodes into the same ``out`` check against their bundle). An actor pool of ``actors``
+holds the networks (``gpus_per_actor`` each): sized by the caller, never from the resources
+present at start, so on an autoscaling cluster that starts empty the pending actors are what
+makes it grow. Rerunning skips volumes whose latents exist and only reads them back for the
+stats.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from caldm.bundle import read_bundle_config, require
+from caldm.bundle import NHAE_MODULES, nhae_hash, read_bundle_config, require
+from caldm.errors import BundleError
 
 log = logging.getLogger("caldm.encode")
 
-NEEDS = ("enc3d", "f_sr", "enc2d")
+NEEDS = NHAE_MODULES
 KEYS = ("z", "z_sr", "z_hr")
 
 
@@ -95,6 +98,20 @@ class LatentEncoder:
         return {k: np.asarray(v) for k, v in rows.items()}
 
 
+def check_nhae(latents: str, expected: str) -> None:
+    """Refuse a latent cache written by other encoders than ``expected`` (:func:`nhae_hash`):
+    its latents live in another latent space. Caches without the record are accepted."""
+    from caldm.data.io import read_json
+
+    stats = read_json(f"{latents}/stats.json") or {}
+    if stats.get("nhae_hash") not in (None, expected):
+        raise BundleError(
+            f"{latents}/stats.json: latents encoded by another NHAE (hash "
+            f"{stats['nhae_hash'][:12]}, this bundle's is {expected[:12]}); rerun "
+            "jobs/encode_latents.py with this bundle into another --out"
+        )
+
+
 def encode_latents(
     bundle: str,
     data: str,
@@ -126,6 +143,8 @@ def encode_latents(
     ids = select_ids(DatasetLayout(data).ids(), ids, exclude, what=f"--ids (volumes of {data})")
     require(bundle, NEEDS, "encoding latents (the trained NHAE and slice encoder)")
     read_bundle_config(bundle)
+    encoders = nhae_hash(bundle)
+    check_nhae(out, encoders)
     ensure_ray()
     ray.data.DataContext.get_current().print_on_execution_start = False  # a page of settings
     stats_rows = (
@@ -141,7 +160,7 @@ def encode_latents(
         .take_all()
     )
     stats_rows.sort(key=lambda r: r["id"])  # the same sums in the same order on every rerun
-    stats: dict[str, Any] = {"count": len(stats_rows)}
+    stats: dict[str, Any] = {"count": len(stats_rows), "nhae_hash": encoders}
     for key in KEYS:
         n = sum(int(r[f"{key}_n"]) for r in stats_rows)
         mean = math.fsum(r[f"{key}_sum"] for r in stats_rows) / n

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from caldm.data.io import read_bytes, read_volume, url_exists, write_bytes
+from caldm.data.io import join_url, read_json, read_volume, url_exists, write_bytes
 from caldm.data.layout import DatasetLayout
 from caldm.data.preprocess import to_unit_range
 from caldm.errors import DataError
@@ -58,14 +58,6 @@ PATH: tuple[Step, ...] = (
     Step("diff3d_guided", "diff3d", "latents", 500, condition=True),
     Step("refiner_guided", "refiner", "latents", 500, condition=True),
 )
-
-
-def _join(url: str, *parts: str) -> str:
-    return "/".join([url.rstrip("/"), *parts])
-
-
-def _read_json(url: str) -> dict[str, Any] | None:
-    return json.loads(read_bytes(url)) if url_exists(url) else None
 
 
 def depth_profile(volume: np.ndarray) -> np.ndarray:
@@ -139,24 +131,24 @@ def _run_path(
     started = time.time()
     out = out.rstrip("/")
     if data is None:
-        data, heldout = _join(out, "data", "train"), _join(out, "data", "heldout")
-        if not url_exists(_join(data, "manifest.jsonl")):
+        data, heldout = join_url(out, "data", "train"), join_url(out, "data", "heldout")
+        if not url_exists(join_url(data, "manifest.jsonl")):
             log(f"pipeline: writing {count} phantom volumes to {data}")
             write_phantom_dataset(data, count, preset, seed=0, num_classes=layer_classes)
-        if not url_exists(_join(heldout, "manifest.jsonl")):
+        if not url_exists(join_url(heldout, "manifest.jsonl")):
             n_heldout = max(2, count // 4)
             write_phantom_dataset(heldout, n_heldout, preset, 10_000, num_classes=layer_classes)
     reference = heldout or data
 
-    latents = _join(out, "latents")
+    latents = join_url(out, "latents")
     bundle: str | None = None
     for step in PATH:
-        run = _join(out, "runs", step.name)
+        run = join_url(out, "runs", step.name)
         max_steps = max(2, int(round(step.max_steps * steps_scale)))
-        if step.stage == "diff3d" and not url_exists(_join(latents, "stats.json")):
+        if step.stage == "diff3d" and not url_exists(join_url(latents, "stats.json")):
             log(f"pipeline: encoding latents of {data} with {bundle}")
             encode_latents(bundle, data, latents)
-        summary = _read_json(_join(run, "summary.json"))
+        summary = read_json(join_url(run, "summary.json"))
         if summary and summary.get("global_step", 0) >= max_steps:
             log(f"pipeline: {step.name} already done ({summary['global_step']} steps)")
         else:
@@ -183,7 +175,7 @@ def _run_path(
             log(f"pipeline: {step.name} loss {summary.get('loss')}")
         bundle = summary["bundle"]
 
-    synthetic = _join(out, "synthetic")
+    synthetic = join_url(out, "synthetic")
     log(f"pipeline: generating {per_label} volume(s) per label of {reference} into {synthetic}")
     gen = generate_dataset(
         bundle,
@@ -199,7 +191,9 @@ def _run_path(
         n = len(gen.errors)
         raise DataError(reference, f"{n} label(s) failed; see {synthetic}/errors.jsonl")
 
-    report = evaluate(reference, synthetic, out=_join(out, "report.json"), max_slices_per_volume=8)
+    report = evaluate(
+        reference, synthetic, out=join_url(out, "report.json"), max_slices_per_volume=8
+    )
     real_profile = mean_depth_profile(reference)
     syn_profile = mean_depth_profile(synthetic)
     corr = float(np.corrcoef(real_profile, syn_profile)[0, 1])
@@ -214,8 +208,8 @@ def _run_path(
             "wall_s": round(time.time() - started, 1),
         }
     )
-    write_bytes(_join(out, "report.json"), json.dumps(report, indent=1).encode())
-    _profile_png(real_profile, syn_profile, _join(out, "depth_profiles.png"))
+    write_bytes(join_url(out, "report.json"), json.dumps(report, indent=1).encode())
+    _profile_png(real_profile, syn_profile, join_url(out, "depth_profiles.png"))
     log(
         f"pipeline: intra-FID {report['intra_fid']:.3f}, inter-FID {report['inter_fid']:.3f}, "
         f"TV synthetic/real {report['tv_ratio']:.2f}, depth-profile correlation {corr:.3f}, "

@@ -7,7 +7,8 @@ For every real label of the kind the bundle was fine-tuned on (``layers`` or ``v
 <out>/images/<label_id>_s<index>.nii.gz          the synthetic volume (uint8, D x H x W)
 <out>/labels/<kind>/<label_id>_s<index>.nii.gz   the label it was conditioned on
 <out>/manifest.jsonl                             one row per sample (provenance, checksums)
-<out>/errors.jsonl                               {"label", "error"} per label that failed
+<out>/errors.jsonl                               {"label", "error"} per label that failed,
+                                                 {"sample", "label", "error"} per sample
 <out>/.manifest/<sample_id>.json                 per-sample rows: the resume journal
 ```
 
@@ -27,8 +28,10 @@ extent is kept (a vessels map has no depth axis; its H spacing is written as 1).
 Resume and integrity: a sample is complete when ``.manifest/<sample_id>.json`` exists, matches
 this run's bundle hash, sampler and steps, and its image and label exist with the sizes that row
 records. The row is written only after both files were written (atomically: temp file + rename
-locally, one PUT on S3) and verified (size read back; on S3 also the ETag against the MD5), so a
-kill at any moment leaves each sample either complete or redone by the next run. The per-sample
+locally, one PUT on S3) and verified (size read back; on S3 also the object's stored SHA-256
+additional checksum, which, unlike the ETag, is the content's hash on SSE-KMS and SSE-C
+buckets too), so a kill at any moment leaves each sample either complete or redone by the next
+run. The per-sample
 rows are consolidated into ``manifest.jsonl`` (one atomic write, sorted by id) at the end of
 every run, giving exactly one row per sample; the rows stay as the journal for later reruns.
 """
@@ -56,6 +59,7 @@ from caldm.data.io import (
     split_url,
     storage_errors,
     write_bytes,
+    write_verified,
 )
 from caldm.data.labels import read_label_map, resize_to_image
 from caldm.data.layout import DatasetLayout
@@ -63,6 +67,21 @@ from caldm.errors import BundleError, CaldmError, ConfigError, DataError
 
 SAMPLERS = ("ddim", "dpm++")
 MANIFEST_DIR = ".manifest"
+#: Attempts per sample (sampling, and writing) before it becomes a row of errors.jsonl.
+ATTEMPTS = 3
+#: Test hook: ``<sample_id>[:n],...`` makes sampling those samples raise (the first n attempts;
+#: every attempt without n), as a CUDA OOM or a NaN would.
+FAIL_SAMPLE_ENV = "CALDM_FAIL_SAMPLE"
+
+
+def parse_fail_hook(value: str | None) -> dict[str, int]:
+    """``"a_s0,b_s1:1"`` -> ``{"a_s0": ATTEMPTS, "b_s1": 1}`` (attempts that fail per sample)."""
+    hook = {}
+    for item in (value or "").split(","):
+        if item.strip():
+            sid, _, times = item.strip().partition(":")
+            hook[sid] = int(times) if times else ATTEMPTS
+    return hook
 
 
 @dataclass(frozen=True)
@@ -83,7 +102,8 @@ class GenerateReport:
     total: int  # samples the dataset should hold (labels that were readable x per_label)
     skipped: int  # already complete before this run
     generated: int
-    errors: list[dict[str, str]] = field(default_factory=list)  # {"label", "error"} rows
+    #: {"label", "error"} per failed label; {"sample", "label", "error"} per failed sample
+    errors: list[dict[str, str]] = field(default_factory=list)
     wall_s: float = 0.0
     sample_s: float = 0.0  # summed time actors spent inside the sampler
     write_s: float = 0.0  # summed time writer tasks spent encoding, writing and verifying
@@ -94,6 +114,15 @@ class GenerateReport:
     @property
     def failed(self) -> bool:
         return bool(self.errors)
+
+    @property
+    def failed_samples(self) -> int:
+        """Samples of readable labels that could not be made (after their retries)."""
+        return sum(1 for e in self.errors if "sample" in e)
+
+    @property
+    def failed_labels(self) -> int:
+        return sum(1 for e in self.errors if "sample" not in e)
 
 
 # --- plan ----------------------------------------------------------------------------------
@@ -238,13 +267,20 @@ def remove_stale_temp_files(out: str, kind: str) -> int:
 class SamplerActor:
     """Ray Data actor: loads the bundle once, then turns sample rows into volumes.
 
-    A label that cannot be read gives a row with ``error`` set instead of raising, so one bad
-    label does not stop the job. The last label (or its error) is cached: a label's samples
-    usually follow each other on the same actor.
+    A label that cannot be read gives a row with ``error`` set (scope ``label``) instead of
+    raising, so one bad label does not stop the job. Any other exception while sampling (a
+    CUDA OOM, a NaN check, a transient storage error) is retried up to :data:`ATTEMPTS` times,
+    then gives an error row of scope ``sample``. The last label (or its error) is cached: a
+    label's samples usually follow each other on the same actor.
     """
 
     def __init__(
-        self, bundle: str, kind: LabelKind, image_shape: tuple[int, int, int], prov: Provenance
+        self,
+        bundle: str,
+        kind: LabelKind,
+        image_shape: tuple[int, int, int],
+        prov: Provenance,
+        fail: dict[str, int] | None = None,
     ) -> None:
         from caldm.pipeline import CALDMPipeline
 
@@ -252,6 +288,7 @@ class SamplerActor:
         self.kind = kind
         self.image_shape = tuple(image_shape)
         self.prov = prov
+        self.fail = dict(fail or {})  # test hook (FAIL_SAMPLE_ENV): failures left per sample
         self._cached: tuple[str, Any] | None = None
 
     def _label(self, url: str) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -271,50 +308,60 @@ class SamplerActor:
         return self._cached[1]
 
     @staticmethod
-    def _error_row(row: dict[str, Any], error: DataError) -> dict[str, Any]:
+    def _error_row(row: dict[str, Any], error: str, scope: str) -> dict[str, Any]:
         empty = np.zeros((0,), np.uint8)  # same columns as a sample row
-        return {**row, "error": str(error), "volume": empty, "label": empty,
+        return {**row, "error": error, "scope": scope, "volume": empty, "label": empty,
                 "affine": np.eye(4), "sample_s": 0.0, "started": 0.0}  # fmt: skip
 
+    def _sample(self, row: dict[str, Any], prepared: Any) -> np.ndarray:
+        if self.fail.get(row["id"], 0) > 0:
+            self.fail[row["id"]] -= 1
+            raise RuntimeError(f"{FAIL_SAMPLE_ENV}: simulated failure of {row['id']}")
+        volume = self.pipeline.sample(
+            seed=int(row["seed"]), labels=prepared, sampler=self.prov.sampler, steps=self.prov.steps
+        )
+        return np.asarray(volume, dtype=np.uint8)
+
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        try:
-            prepared, label, affine = self._label(row["label_url"])
-            started, start = time.time(), time.perf_counter()
-            volume = self.pipeline.sample(
-                seed=int(row["seed"]),
-                labels=prepared,
-                sampler=self.prov.sampler,
-                steps=self.prov.steps,
-            )
-            elapsed = time.perf_counter() - start
-        except DataError as exc:
-            # The sampler checks labels against the bundle (say, layer classes it was not
-            # trained on): a DataError from it is about this label, and so are its other samples.
-            error = DataError(row["label_url"], exc.problem)
-            self._cached = (row["label_url"], error)
-            return self._error_row(row, error)
-        volume = np.asarray(volume, dtype=np.uint8)
-        return {**row, "error": "", "volume": volume, "label": label, "affine": affine,
-                "sample_s": elapsed, "started": started}  # fmt: skip
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                prepared, label, affine = self._label(row["label_url"])
+                started, start = time.time(), time.perf_counter()
+                volume = self._sample(row, prepared)
+                elapsed = time.perf_counter() - start
+                break
+            except DataError as exc:
+                # The sampler checks labels against the bundle (say, layer classes it was not
+                # trained on): a DataError from it is about this label and its other samples.
+                error = DataError(row["label_url"], exc.problem)
+                self._cached = (row["label_url"], error)
+                return self._error_row(row, str(error), "label")
+            except Exception as exc:  # OOM, NaN, a flaky store: retried, then an error row
+                _free_accelerator_memory()
+                if attempt == ATTEMPTS:
+                    problem = f"sampling failed {attempt} times ({_one_line(exc)})"
+                    return self._error_row(row, f"{row['id']}: {problem}", "sample")
+        return {**row, "error": "", "scope": "", "volume": volume, "label": label,
+                "affine": affine, "sample_s": elapsed, "started": started}  # fmt: skip
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _free_accelerator_memory() -> None:
+    """Release cached CUDA blocks after a failed attempt (an OOM's retry needs them)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def put_verified(url: str, data: bytes) -> dict[str, Any]:
-    """Write ``data`` atomically, then check what the store holds; returns {"bytes", "sha256"}.
-
-    The size is read back from the store; on S3 a single-part upload's ETag is the MD5 of the
-    content and is compared too. Raises DataError naming ``url`` on a mismatch.
-    """
-    write_bytes(url, data)
-    fs, path = split_url(url)
-    with storage_errors(url):
-        fs.invalidate_cache(path)
-        info = fs.info(path)
-    if int(info.get("size") or 0) != len(data):
-        raise DataError(url, f"verification failed: {info.get('size')} bytes, wrote {len(data)}")
-    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
-    if etag and "-" not in etag and etag != hashlib.md5(data).hexdigest():
-        raise DataError(url, "verification failed: stored ETag differs from the MD5 written")
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    """Write ``data`` and verify what the store holds (:func:`caldm.data.io.write_verified`:
+    size, and the S3 SHA-256 checksum, which holds on SSE-KMS and SSE-C buckets too)."""
+    return write_verified(url, data)
 
 
 def write_sample(row: dict[str, Any], out: str, kind: str, prov: Provenance) -> dict[str, Any]:
@@ -326,6 +373,7 @@ def write_sample(row: dict[str, Any], out: str, kind: str, prov: Provenance) -> 
         "id": row["id"],
         "label_url": row["label_url"],
         "error": row["error"],
+        "scope": row["scope"],
         "sample_s": float(row["sample_s"]),
         "write_s": 0.0,
         "started": float(row["started"]),
@@ -335,10 +383,21 @@ def write_sample(row: dict[str, Any], out: str, kind: str, prov: Provenance) -> 
         return summary
     start = time.perf_counter()
     sid = row["id"]
-    files = {
-        "image": put_verified(image_url(out, sid), encode_nifti(row["volume"], row["affine"])),
-        "label": put_verified(label_url(out, kind, sid), encode_nifti(row["label"], row["affine"])),
-    }
+    image = encode_nifti(row["volume"], row["affine"])
+    label = encode_nifti(row["label"], row["affine"])
+    for attempt in range(1, ATTEMPTS + 1):
+        try:  # a transient storage error (or a failed verification) is retried
+            files = {
+                "image": put_verified(image_url(out, sid), image),
+                "label": put_verified(label_url(out, kind, sid), label),
+            }
+            break
+        except Exception as exc:
+            if attempt == ATTEMPTS:
+                summary["error"] = f"{sid}: writing failed {attempt} times ({_one_line(exc)})"
+                summary["scope"] = "sample"
+                return summary
+            time.sleep(0.5 * attempt)
     record = {
         "id": sid,
         "label_id": row["label_id"],
@@ -477,8 +536,10 @@ def generate_dataset(
     """Sample ``per_label`` volumes per label at ``labels`` into ``out`` (module docstring).
 
     Everything that can fail on bad arguments (bundle without a condition, no labels, ``out``
-    made by another model) fails before any cluster work. Labels that fail are reported in
-    ``report.errors`` and ``<out>/errors.jsonl``; the other samples are still made.
+    made by another model) fails before any cluster work. Labels that fail, and samples that
+    still fail after :data:`ATTEMPTS` tries (or whose worker died), are reported in
+    ``report.errors`` and ``<out>/errors.jsonl``; every other sample is still made, and a rerun
+    retries the failed ones.
     """
     if per_label < 1:
         raise ConfigError(f"--per-label must be >= 1, got {per_label}")
@@ -511,11 +572,14 @@ def generate_dataset(
              cpus_per_worker, progress_every, log, report)  # fmt: skip
     report.wall_s = time.monotonic() - start
     # Samples of failed labels were planned but cannot exist; the total counts what can.
-    failed = {e["label"] for e in report.errors}
+    failed = {e["label"] for e in report.errors if "sample" not in e}
     report.total -= sum(1 for row in todo if row["label_url"] in failed)
     _write_errors(out, report.errors)
     count = consolidate_manifest(out)
-    log(f"generate: manifest.jsonl has {count} rows; {len(report.errors)} label(s) failed")
+    log(
+        f"generate: manifest.jsonl has {count} rows; {report.failed_samples} sample(s) and "
+        f"{report.failed_labels} label(s) failed"
+    )
     return report
 
 
@@ -539,10 +603,17 @@ def _run(
     # The pool is --workers actors whatever the cluster holds now: on an autoscaling cluster
     # that starts empty, these pending actors (and the writer tasks) are what grow it.
     # One block per sample: blocks are the unit an actor takes, so this spreads the work.
+    # Errors inside a sample become error rows; a block that errors anyway (its worker died
+    # past its restarts) must not end the job either: Ray Data's default stops at the first.
+    context = ray.data.DataContext.get_current()
+    saved_max_errored = context.max_errored_blocks
+    context.max_errored_blocks = -1
+    fail = parse_fail_hook(os.environ.get(FAIL_SAMPLE_ENV))
     samples = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
         SamplerActor,
         fn_constructor_kwargs={
-            "bundle": bundle, "kind": kind, "image_shape": image_shape, "prov": prov
+            "bundle": bundle, "kind": kind, "image_shape": image_shape, "prov": prov,
+            "fail": fail,
         },
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=gpus_per_worker,
@@ -555,10 +626,17 @@ def _run(
     )
     bar = _Progress(len(todo), progress_every, log)
     errors: dict[str, str] = {}
+    sample_errors: dict[str, dict[str, str]] = {}
+    seen: set[str] = set()
     first, last = float("inf"), 0.0
     try:
         for row in written.iter_rows():
-            if row["error"]:
+            seen.add(row["id"])
+            if row["scope"] == "sample":
+                sample_errors[row["id"]] = {
+                    "sample": row["id"], "label": row["label_url"], "error": row["error"]
+                }  # fmt: skip
+            elif row["error"]:
                 errors.setdefault(row["label_url"], row["error"])
             else:
                 report.generated += 1
@@ -575,5 +653,13 @@ def _run(
         raise cause from None
     finally:
         bar.close()
+        context.max_errored_blocks = saved_max_errored
+    for row in todo:  # in an errored block: no result came back
+        if row["id"] not in seen:
+            sample_errors[row["id"]] = {
+                "sample": row["id"], "label": row["label_url"],
+                "error": f"{row['id']}: no result (its Ray Data block failed; see the Ray logs)",
+            }  # fmt: skip
     report.errors = [{"label": k, "error": v} for k, v in sorted(errors.items())]
+    report.errors += [sample_errors[k] for k in sorted(sample_errors)]
     report.span_s = max(last - first, 0.0)

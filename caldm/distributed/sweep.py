@@ -40,6 +40,8 @@ import torch
 
 from caldm.bundle import load_bundle, read_meta, require
 from caldm.config import Config, load_config, parse_override, read_yaml, valid_keys
+from caldm.data.io import join_url as join
+from caldm.data.io import read_json, write_bytes, write_json
 from caldm.data.layout import DatasetLayout
 from caldm.distributed.train import (
     StageTrainer,
@@ -48,7 +50,6 @@ from caldm.distributed.train import (
     _storage,
     absolute,
     gathered,
-    join,
     plan,
 )
 from caldm.errors import CaldmError, ConfigError, DataError
@@ -302,7 +303,7 @@ class RefinerValidation:
             k: v.to(trainer.device)
             for k, v in self._load(trainer.cfg, schedule.num_train_timesteps).items()
         }
-        nets = trainer.ema  # float32 EMA weights: what the stage exports
+        nets = trainer.ema_modules()  # float32 EMA weights: what the stage exports
         x0, t, noise = batch["z_hr"] * scale, batch["t"], batch["noise"]
         guide = [batch["z_sr"] * scale]
         if self.condition:  # no condition dropout: the conditional model is what is sampled
@@ -402,7 +403,7 @@ def check(req: SweepRequest) -> SweepPlan:
     # The train loop's own checks (bundle model, data, latent stats, labels), without trials.
     plan(_train_request(req, data, join(out, "trials", "check"), bundle, base_overrides, ()))
 
-    previous = _read_json(join(out, "sweep.json"))
+    previous = read_json(join(out, "sweep.json"))
     identity = _identity(req, bundle, data)
     if previous is not None and previous.get("identity") != identity:
         raise ConfigError(
@@ -420,18 +421,6 @@ def _identity(req: SweepRequest, bundle: str, data: str) -> dict[str, Any]:
         "bundle": bundle,
         "data": data,
     }
-
-
-def _read_json(url: str) -> dict[str, Any] | None:
-    from caldm.data.io import read_bytes, url_exists
-
-    return json.loads(read_bytes(url)) if url_exists(url) else None
-
-
-def _write(url: str, text: str) -> None:
-    from caldm.data.io import write_bytes
-
-    write_bytes(url, text.encode())
 
 
 def _train_request(
@@ -469,7 +458,7 @@ def base_bundle(p: SweepPlan) -> str | None:
     if not needs:
         return None
     url = join(p.out, "base_bundle")
-    if _read_json(join(url, "bundle.json")) is None:
+    if read_json(join(url, "bundle.json")) is None:
         src, meta = load_bundle(p.bundle, needs), read_meta(p.bundle)
         keep = ("latent_scale", "num_classes", "conditioned")
         save_bundle(
@@ -549,11 +538,14 @@ def sweep(req: SweepRequest) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler
 
     from caldm.distributed.cluster import ensure_ray
-    from caldm.distributed.tracking import tracking_uri
+    from caldm.distributed.tracking import check_store
 
     p = check(req)
+    ray = ensure_ray()
+    # Trials (and their workers) run on any node: a SQLite store only works on one.
+    uri = check_store(p.out, nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
     record = {"identity": _identity(req, p.bundle, p.data), "request": req.__dict__}
-    _write(join(p.out, "sweep.json"), json.dumps(record, indent=1))
+    write_json(join(p.out, "sweep.json"), record)
     if req.target == "adaptor":
         evaluate: Any = AdaptorValidation(p.data, p.holdout_ids)
     else:
@@ -566,9 +558,8 @@ def sweep(req: SweepRequest) -> SweepResult:
         base_overrides=tuple(p.base_overrides),
         holdout_ids=p.holdout_ids,
         evaluate=evaluate,
-        tracking_uri=tracking_uri(p.out),
+        tracking_uri=uri,
     )
-    ensure_ray()
     trainable = tune.with_parameters(run_trial, setup=setup)
     storage_path, storage_fs = _storage(p.out)
     experiment = join(p.out, req.target)
@@ -605,9 +596,10 @@ def sweep(req: SweepRequest) -> SweepResult:
                 ),
                 max_concurrent_trials=concurrency if req.search == "optuna" else None,
                 trial_dirname_creator=_trial_dirname,
-                # A trial's driver only starts a TorchTrainer: reusing its process between
-                # trials saves a Python start with torch imported (seconds per trial).
-                reuse_actors=True,
+                # Not reused: a trial blocks in TorchTrainer.fit(), so an ASHA-stopped trial
+                # kept in a reused actor would keep its train workers (and GPUs); a fresh
+                # actor per trial is killed with everything it started.
+                reuse_actors=False,
             ),
             run_config=tune.RunConfig(
                 name=req.target,  # fixed: a rerun finds the experiment and resumes it
@@ -616,7 +608,20 @@ def sweep(req: SweepRequest) -> SweepResult:
             ),
         )
     results = tuner.fit()
+    close_trial_runs(p, results, uri)
     return _write_outputs(p, results)
+
+
+def close_trial_runs(p: SweepPlan, results: Any, uri: str) -> None:
+    """Give every trial's MLflow run its final status: a trial stopped by ASHA (or killed with
+    its actor) could not close its own run, which would stay RUNNING forever."""
+    from caldm.distributed.tracking import close_run
+
+    status_of = {"done": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
+    for result in results:
+        run = read_json(join(p.out, "trials", _trial_id(result), "run.json")) or {}
+        if run.get("mlflow_run_id"):
+            close_run(uri, run["mlflow_run_id"], status_of[_status(result, p.req.max_steps)])
 
 
 def _write_outputs(p: SweepPlan, results: Any) -> SweepResult:
@@ -657,7 +662,7 @@ def _write_outputs(p: SweepPlan, results: Any) -> SweepResult:
     writer = csv.DictWriter(buffer, columns)
     writer.writeheader()
     writer.writerows(rows)
-    _write(trials_csv, buffer.getvalue())
+    write_bytes(trials_csv, buffer.getvalue().encode())
     best_id = _trial_id(best)
     return SweepResult(best_yaml, trials_csv, best_id, best.metrics[METRIC], rows)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -40,8 +41,10 @@ from torch import nn
 from caldm.bundle import bundle_modules, load_module, read_bundle_config, read_meta, require
 from caldm.bundle import save_bundle as _save_bundle
 from caldm.config import Config, load_config
+from caldm.data.io import join_url as join
+from caldm.data.io import list_dir, read_json, write_json
 from caldm.diffusion.schedule import NoiseSchedule
-from caldm.distributed.cluster import ensure_ray
+from caldm.distributed.cluster import ensure_ray, worker_env
 from caldm.errors import BundleError, CaldmError, ConfigError, DataError
 from caldm.nn.factory import build
 from caldm.nn.losses import HybridLoss
@@ -59,8 +62,6 @@ log = logging.getLogger("caldm.train")
 
 #: Test hook: a worker raises right after reporting the checkpoint of this step (a "kill").
 FAIL_AFTER_STEP_ENV = "CALDM_FAIL_AFTER_STEP"
-#: Environment forwarded from the driver to the workers (storage endpoints, tracking, hooks).
-_FORWARD_ENV_PREFIXES = ("AWS_", "MLFLOW_", "CALDM_", "TORCH_EXTENSIONS_DIR")
 #: Elements per ZeRO gradient reduce / allgather bucket.
 REDUCE_BUCKET = 50_000_000
 # Model config sections that do not change any exported module's weights.
@@ -142,6 +143,8 @@ class TrainPlan:
     evaluate: Evaluate | None = None
     experiment: str = "caldm-train"
     run_name: str | None = None
+    #: the MLflow run this run logs to (kept in run.json: a resume continues it)
+    mlflow_run_id: str | None = None
 
     @property
     def spec(self) -> StageSpec:
@@ -152,10 +155,6 @@ class TrainPlan:
         return join(self.out, "bundle")
 
 
-def join(url: str, *parts: str) -> str:
-    return "/".join([url.rstrip("/"), *parts])
-
-
 def absolute(url: str) -> str:
     """Local paths made absolute: workers (and ``ray job submit`` jobs) run in other dirs."""
     if "://" in url and not url.startswith("file://"):
@@ -163,23 +162,66 @@ def absolute(url: str) -> str:
     return str(Path(url.removeprefix("file://")).expanduser().resolve())
 
 
-def _read_json(url: str) -> dict[str, Any] | None:
-    try:
-        with fsspec.open(url, "r") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        return None
+#: Config keys a resume may change: how long and how often, not what is trained or how.
+RESUME_FREE_KEYS = (
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.preview_every",
+    "train.max_failures",
+    "data.num_workers",
+)
 
 
-def _write_json(url: str, obj: dict[str, Any]) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, json.dumps(obj, indent=1).encode())
+def run_record(p: TrainPlan) -> dict[str, Any]:
+    """What ``<out>/run.json`` records of a run: stage, condition, world size, ZeRO stage, the
+    config (less :data:`RESUME_FREE_KEYS`) and its hash, and the MLflow run id."""
+    config = {
+        k: v for k, v in sorted(p.cfg.flat().items()) if not k.startswith(RESUME_FREE_KEYS)
+    }
+    text = json.dumps(config, sort_keys=True, default=str)
+    return {
+        "stage": p.stage,
+        "condition": p.condition,
+        "world_size": p.workers,
+        "zero_stage": p.cfg.train.zero_stage,
+        "config_hash": hashlib.sha256(text.encode()).hexdigest(),
+        "config": json.loads(text),
+        "mlflow_run_id": p.mlflow_run_id,
+    }
+
+
+def has_checkpoint(out: str, stage: str) -> bool:
+    """Whether Ray Train has a checkpoint of this run (``<out>/<stage>/checkpoint_*``)."""
+    return any(name.startswith("checkpoint_") for name in list_dir(join(out, stage)))
+
+
+def check_resume(previous: dict[str, Any], record: dict[str, Any], out: str) -> None:
+    """Refuse, in one line naming the changes, a rerun whose checkpoints cannot or should not
+    be continued: another world size or ZeRO stage (DeepSpeed's shards are per rank and
+    stage) or another config (the optimizer state belongs to the old one)."""
+    if "world_size" not in previous or not has_checkpoint(out, record["stage"]):
+        return
+    changes = []
+    if previous["world_size"] != record["world_size"]:
+        changes.append(f"--workers {previous['world_size']} -> {record['world_size']}")
+    if previous["zero_stage"] != record["zero_stage"]:
+        changes.append(f"--zero-stage {previous['zero_stage']} -> {record['zero_stage']}")
+    if previous.get("config_hash") != record["config_hash"]:
+        old, new = previous.get("config", {}), record["config"]
+        keys = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+        changes += [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys] or ["the config"]
+    if changes:
+        raise ConfigError(
+            f"{join(out, 'run.json')}: its checkpoints were made with other settings "
+            f"({'; '.join(changes[:4])}); rerun with the original ones to resume, "
+            "or choose another --out"
+        )
 
 
 def latent_stats(latents: str) -> dict[str, Any]:
     """``<latents>/stats.json`` as written by ``jobs/encode_latents.py``."""
-    stats = _read_json(join(latents, "stats.json"))
+    stats = read_json(join(latents, "stats.json"))
     if stats is None:
         raise DataError(
             join(latents, "stats.json"), "missing: rerun jobs/encode_latents.py on this cache"
@@ -259,7 +301,7 @@ def plan(req: TrainRequest) -> TrainPlan:
 
     out, data = absolute(req.out), absolute(req.data)
     bundle = absolute(req.bundle) if req.bundle else None
-    previous = _read_json(join(out, "run.json"))
+    previous = read_json(join(out, "run.json"))
     if previous is not None and (
         previous.get("stage") != req.stage or previous.get("condition") != req.condition
     ):
@@ -303,6 +345,12 @@ def plan(req: TrainRequest) -> TrainPlan:
     if spec.diffusion:
         training_dataset(req.stage, data, cfg, req.condition, exclude, 0, req.workers)
         std = latent_stats(data)["z" if req.stage == "diff3d" else "z_hr"]["std"]
+        from caldm.bundle import NHAE_MODULES, nhae_hash
+
+        if bundle is not None and set(NHAE_MODULES) <= set(meta.get("sha256", {})):
+            from caldm.distributed.encode import check_nhae  # latents of this bundle's NHAE
+
+            check_nhae(data, nhae_hash(bundle))
         latent_scale = 1.0 / max(float(std), 1e-8)
         if req.condition == "layers":
             num_classes = _layer_classes(data, bundle, meta)
@@ -310,7 +358,7 @@ def plan(req: TrainRequest) -> TrainPlan:
     else:
         training_dataset(req.stage, data, cfg, None, exclude, 0, req.workers)
 
-    return TrainPlan(
+    p = TrainPlan(
         stage=req.stage,
         cfg=cfg,
         data=data,
@@ -326,7 +374,11 @@ def plan(req: TrainRequest) -> TrainPlan:
         evaluate=req.evaluate,
         experiment=req.experiment,
         run_name=req.run_name,
+        mlflow_run_id=(previous or {}).get("mlflow_run_id"),
     )
+    if previous is not None:
+        check_resume(previous, run_record(p), out)
+    return p
 
 
 # ------------------------------------------------------------------------ modules
@@ -429,11 +481,13 @@ class StageTrainer:
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.zero3 = self.cfg.train.zero_stage == 3
         trainable, frozen = build_stage_modules(p)
-        # EMA (diffusion stages): a float32 copy taken before ZeRO-3 could partition the
-        # weights, and before checkpointing wraps forward methods (the copy would share them).
-        self.ema = copy.deepcopy(trainable).float().to(device) if self.spec.diffusion else None
-        if self.ema is not None:
-            self.ema.requires_grad_(False)
+        # EMA (diffusion stages). ZeRO 0-2: a full float32 copy, taken before checkpointing
+        # wraps forward methods (the copy would share them). ZeRO-3: each rank keeps the EMA of
+        # its own fp32 partition only (set up below, once the engine has partitioned).
+        self.ema = None
+        self.ema_shards: list[torch.Tensor] | None = None
+        if self.spec.diffusion and not self.zero3:
+            self.ema = copy.deepcopy(trainable).float().to(device).requires_grad_(False)
         if self.cfg.train.activation_checkpointing:
             for module in [*trainable.values(), *frozen.values()]:
                 if hasattr(module, "checkpoint_activations"):
@@ -441,6 +495,9 @@ class StageTrainer:
         self.model = StageModel(self.spec, trainable)
         self.engine = self._engine(self.model, self.cfg.train.lr, (0.9, 0.999), deepspeed)
         self.model.others = {k: m.to(device, self.dtype) for k, m in frozen.items()}
+        if self.spec.diffusion and self.zero3:
+            params = self.model.trainable.parameters()
+            self.ema_shards = [self._local_fp32(q).clone() for q in params]
         self.disc_engine = None
         if self.spec.gan:
             torch.manual_seed(self.cfg.train.seed + 1)
@@ -501,7 +558,7 @@ class StageTrainer:
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
             self.last, self.last_batch = out, batch
         self.global_step += 1
-        if self.ema is not None:
+        if self.has_ema:
             self._update_ema()
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -509,23 +566,78 @@ class StageTrainer:
         sums["lr"] = float(self.engine.get_lr()[0])
         return sums
 
+    @property
+    def has_ema(self) -> bool:
+        return self.ema is not None or self.ema_shards is not None
+
+    @staticmethod
+    def _local_fp32(q: nn.Parameter) -> torch.Tensor:
+        """This rank's fp32 partition of a ZeRO-3 parameter (the optimizer's master copy; the
+        partition of the module's own tensor for one the optimizer does not hold)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        local = safe_get_local_fp32_param(q) if q.requires_grad else None
+        return (q.ds_tensor if local is None else local).detach().float().flatten()
+
+    @staticmethod
+    def _gather_partition(q: nn.Parameter, shard: torch.Tensor) -> torch.Tensor:
+        """The full tensor of ZeRO-3 parameter ``q`` from every rank's ``shard`` (a collective):
+        partitions are equal-sized, in rank order, padded at the end."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, shard.contiguous())
+        return torch.cat(parts)[: q.ds_numel].view(q.ds_shape)
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         # Warm-up (as in diffusers): early EMA weights follow the model closely.
         n = self.global_step
         decay = min(self.cfg.train.ema_decay, (1 + n) / (10 + n))
         params = list(self.model.trainable.parameters())
+        if self.ema_shards is not None:  # ZeRO-3: no gather, the fp32 master partition
+            for e, q in zip(self.ema_shards, params):
+                e.lerp_(self._local_fp32(q), 1.0 - decay)
+            return
         with gathered(params, self.zero3):
             for e, q in zip(self.ema.parameters(), params):
                 e.lerp_(q.detach().float(), 1.0 - decay)
+
+    def _full_modules(self, values: Callable[[str, nn.Parameter], torch.Tensor]):
+        """Fresh float32 CPU copies of the trainable modules with every parameter from
+        ``values(name, param)`` and the buffers of the live modules."""
+        states: dict[str, dict[str, torch.Tensor]] = {n: {} for n in self.model.trainable}
+        for name, q in self.model.trainable.named_parameters():
+            module, key = name.split(".", 1)
+            states[module][key] = values(name, q).detach().float().cpu().clone()
+        for name, b in self.model.trainable.named_buffers():
+            module, key = name.split(".", 1)
+            states[module][key] = b.detach().cpu().clone()
+        out: dict[str, nn.Module] = {}
+        for name, state in states.items():
+            fresh = build(name, self.cfg, self.p.condition, self.p.num_classes)
+            fresh.load_state_dict(state)
+            out[name] = fresh.requires_grad_(False)
+        return out
+
+    def ema_modules(self) -> dict[str, nn.Module] | nn.ModuleDict:
+        """The full float32 EMA modules on every rank (a collective under ZeRO-3)."""
+        if self.ema is not None:
+            return self.ema
+        shards = dict(zip([n for n, _ in self.model.trainable.named_parameters()],
+                          self.ema_shards))  # fmt: skip
+        nets = self._full_modules(lambda n, q: self._gather_partition(q, shards[n]))
+        return {k: m.to(self.device) for k, m in nets.items()}
 
     # ------------------------------------------------------------ checkpoints and export
 
     def save(self, directory: str) -> None:
         """Every rank writes its shard of both engines under ``directory`` (a collective)."""
-        state = {"step": self.global_step}
+        state: dict[str, Any] = {"step": self.global_step}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        if self.ema_shards is not None:  # ZeRO-3: each rank's own file holds its partition
+            state["ema_shards"] = [e.cpu() for e in self.ema_shards]
         self.engine.save_checkpoint(join(directory, "model"), tag="state", client_state=state)
         if self.disc_engine is not None:
             self.disc_engine.save_checkpoint(join(directory, "disc"), tag="state")
@@ -539,24 +651,28 @@ class StageTrainer:
             self.disc_engine.load_checkpoint(join(directory, "disc"), tag="state")
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.ema_shards is not None:
+            for e, saved in zip(self.ema_shards, state["ema_shards"], strict=True):
+                e.copy_(saved)
         self.global_step = int(state["step"])
         return self.global_step
 
     def exported(self) -> dict[str, nn.Module]:
-        """The weights to export, full and float32 on every rank (a collective under ZeRO-3):
-        the EMA copy for diffusion stages, else the trained modules."""
-        if self.ema is not None:
-            return {k: m.cpu() for k, m in self.ema.items()}
-        out: dict[str, nn.Module] = {}
-        for name, module in self.model.trainable.items():
-            with gathered(list(module.parameters()), self.zero3):
-                state = {
-                    k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()
-                }
-            fresh = build(name, self.cfg, self.p.condition, self.p.num_classes)
-            fresh.load_state_dict(state)
-            out[name] = fresh
-        return out
+        """The weights to export, full and float32 on every rank (a collective): the EMA for
+        diffusion stages, else the optimizer's fp32 master weights (not the bf16 copies the
+        engine computes with)."""
+        if self.has_ema:
+            return {k: m.cpu() for k, m in self.ema_modules().items()}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        def master(name: str, q: nn.Parameter) -> torch.Tensor:
+            full = safe_get_full_fp32_param(q) if q.requires_grad else None
+            if full is not None:
+                return full
+            with gathered([q], self.zero3):  # not in the optimizer: the module's own value
+                return q.detach().float().clone()
+
+        return self._full_modules(master)
 
 
 def export_bundle(p: TrainPlan, trained: dict[str, nn.Module]) -> None:
@@ -694,7 +810,9 @@ def train_loop(p: TrainPlan) -> None:
             from caldm.distributed import tracking
 
             stack.enter_context(
-                tracking.start_run(p.out, p.experiment, p.run_name or p.stage, cfg.flat())
+                tracking.start_run(
+                    p.out, p.experiment, p.run_name or p.stage, cfg.flat(), p.mlflow_run_id
+                )
             )
         metrics: dict[str, float] = {}
         speed: list[float] = []
@@ -744,10 +862,6 @@ def _storage(out: str) -> tuple[str, Any]:
     return path, PyFileSystem(FSSpecHandler(fs))
 
 
-def _forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_ENV_PREFIXES)}
-
-
 def _root_cause(exc: BaseException) -> str:
     """The last ``SomeError: message`` line of a (Ray-wrapped) worker traceback."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -764,9 +878,16 @@ def train(req: TrainRequest) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from caldm.distributed import tracking
+
     p = plan(req)
-    _write_json(join(p.out, "run.json"), {"stage": p.stage, "condition": p.condition})
-    ensure_ray()
+    ray = ensure_ray()
+    tracking.check_store(p.out, nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
+    # One MLflow run per run directory: created here (the driver), continued on every resume.
+    p.mlflow_run_id = tracking.open_run_id(
+        p.out, p.experiment, p.run_name or p.stage, p.mlflow_run_id
+    )
+    write_json(join(p.out, "run.json"), run_record(p))
     storage_path, storage_fs = _storage(p.out)
     use_gpu = p.gpus_per_worker > 0
     resources = {"CPU": 1, **({"GPU": p.gpus_per_worker} if use_gpu else {})}
@@ -785,7 +906,8 @@ def train(req: TrainRequest) -> dict[str, Any]:
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=p.cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": _forwarded_env()},
+            # Endpoints and settings only: no credential is ever a runtime-env value.
+            worker_runtime_env={"env_vars": worker_env()},
             callbacks=list(req.callbacks) or None,
         ),
     )
@@ -806,5 +928,5 @@ def train(req: TrainRequest) -> dict[str, Any]:
         "loss": result.metrics.get("loss"),
         "samples_per_s": result.metrics.get("mean_samples_per_s"),
     }
-    _write_json(join(p.out, "summary.json"), summary)
+    write_json(join(p.out, "summary.json"), summary)
     return summary

@@ -35,11 +35,16 @@ def module_bytes(*modules: torch.nn.Module) -> int:
 
 
 class PeakMemory(TorchDispatchMode):
-    """``with PeakMemory(baseline) as pm: ...`` then ``pm.peak`` (bytes, baseline included)."""
+    """``with PeakMemory(baseline) as pm: ...`` then ``pm.peak`` (bytes, baseline included).
 
-    def __init__(self, baseline: int = 0) -> None:
+    ``device_type`` is the device whose tensors are counted: ``meta`` for accounting; ``cpu``
+    lets a CPU dry run of a GPU benchmark count what it really allocates the same way.
+    """
+
+    def __init__(self, baseline: int = 0, device_type: str = "meta") -> None:
         super().__init__()
         self.baseline = baseline
+        self.device_type = device_type
         self.current = baseline
         self.peak = baseline
         self._live: dict[int, weakref.ref] = {}
@@ -68,10 +73,10 @@ class PeakMemory(TorchDispatchMode):
         inputs = {
             id(t.untyped_storage())
             for t in tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor) and t.device.type == "meta"
+            if isinstance(t, torch.Tensor) and t.device.type == self.device_type
         }
         for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.device.type == "meta":
+            if isinstance(leaf, torch.Tensor) and leaf.device.type == self.device_type:
                 if id(leaf.untyped_storage()) not in inputs:
                     self._track(leaf)
         return out

@@ -57,3 +57,72 @@ def volume_preview(
         for j, panel in enumerate(_panels(volume)):
             sheet.paste(_to_tile(panel, tile), (LABEL_W + j * (tile + PAD), y))
     return sheet.convert("RGB")
+
+
+# Boundary colours, one per layer boundary (cycled when there are more boundaries).
+BOUNDARY_COLOURS = (
+    (255, 60, 60), (255, 170, 40), (240, 240, 60), (80, 220, 80), (60, 220, 220),
+    (80, 140, 255), (190, 100, 255), (255, 100, 200), (200, 200, 200), (140, 90, 40),
+)
+VESSEL_COLOURS = {1: (255, 60, 60), 2: (60, 120, 255)}  # artery, vein
+
+
+def _overlay_tiles(volume: np.ndarray, label: np.ndarray, tile: int) -> list[Image.Image]:
+    """[plain, with the label drawn over it]: the middle B-scan with the layer boundaries of a
+    D x H x W layer label, or the en-face projection with the outline of a D x W vessel map."""
+    from caldm.metrics import layer_boundaries
+
+    v = np.asarray(volume, np.float32)
+    lab = np.asarray(label)
+    if lab.ndim == 3:
+        panel, lab2 = v[v.shape[0] // 2], lab[lab.shape[0] // 2]
+    else:
+        panel, lab2 = v.mean(axis=1), lab
+    plain = _to_tile(panel, tile).convert("RGB")
+    drawn = plain.copy()
+    draw = ImageDraw.Draw(drawn)
+    h, w = lab2.shape
+    if lab.ndim == 3:  # boundaries: the top of each class 1..C-1 along each A-scan
+        depths = layer_boundaries(lab2, int(lab.max()) + 1, axis=0)
+        xs = (np.arange(w) + 0.5) * tile / w
+        for c, z in enumerate(depths):
+            points = [(float(x), float(d) * tile / h) for x, d in zip(xs, z) if d < h]
+            if len(points) > 1:
+                draw.line(points, fill=BOUNDARY_COLOURS[c % len(BOUNDARY_COLOURS)], width=1)
+    else:  # vessels: outline pixels (a vessel pixel with a non-vessel 4-neighbour)
+        for cls, colour in VESSEL_COLOURS.items():
+            m = lab2 == cls
+            inner = m.copy()
+            inner[1:] &= m[:-1]
+            inner[:-1] &= m[1:]
+            inner[:, 1:] &= m[:, :-1]
+            inner[:, :-1] &= m[:, 1:]
+            for i, j in zip(*np.nonzero(m & ~inner)):
+                draw.point(((j + 0.5) * tile / w, (i + 0.5) * tile / h), fill=colour)
+    return [plain, drawn]
+
+
+def label_overlay(
+    volumes: list[np.ndarray],
+    labels: list[np.ndarray],
+    titles: list[str],
+    tile: int = TILE,
+) -> Image.Image:
+    """Does the image follow its label? One row per volume: the middle B-scan, and the same
+    B-scan with its layer label's boundaries drawn over it (a D x W vessel label: the en-face
+    projection with the artery (red) and vein (blue) outlines)."""
+    if not volumes or not (len(volumes) == len(labels) == len(titles)):
+        raise ValueError(f"{len(volumes)} volumes, {len(labels)} labels, {len(titles)} titles")
+    columns = ("image", "image + guiding label")
+    width = LABEL_W + len(columns) * (tile + PAD)
+    height = HEADER_H + len(volumes) * (tile + PAD)
+    sheet = Image.new("RGB", (width, height), (32, 32, 32))
+    draw = ImageDraw.Draw(sheet)
+    for j, name in enumerate(columns):
+        draw.text((LABEL_W + j * (tile + PAD) + 2, 3), name, fill=(255, 255, 255))
+    for i, (volume, label, title) in enumerate(zip(volumes, labels, titles)):
+        y = HEADER_H + i * (tile + PAD)
+        draw.text((4, y + tile // 2 - 6), title[:24], fill=(255, 255, 255))
+        for j, img in enumerate(_overlay_tiles(volume, label, tile)):
+            sheet.paste(img, (LABEL_W + j * (tile + PAD), y))
+    return sheet

@@ -108,8 +108,17 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"real": real, "test": test, "syn": str(root / "syn"), "root": str(root)}
 
 
-def test_downstream_job(ray_cluster: str, inputs: dict[str, str], s3_bucket: str) -> None:
+def test_downstream_job(
+    ray_cluster: str,
+    inputs: dict[str, str],
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from caldm.distributed.downstream import SEGMENTER_FILE, iter_pairs, score_segmenter
+
+    db = f"sqlite:///{tmp_path}/mlflow.db"  # S3 outputs: runs would go to ~/.caldm otherwise
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", db)
     main = _job_main()
 
     # The synthetic set and the outputs on S3 (moto), the real sets local.
@@ -141,6 +150,15 @@ def test_downstream_job(ray_cluster: str, inputs: dict[str, str], s3_bucket: str
     table = read_bytes(f"{out}/report.md").decode()
     assert "| Real+200% Syn | 9 |" in table
     assert read_bytes(f"{out}/report.png")[:4] == b"\x89PNG"
+    import mlflow
+
+    client = mlflow.MlflowClient(db)
+    runs = client.search_runs([client.get_experiment_by_name("downstream").experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    assert names == sorted(f"layers: {n}" for n in
+                           ("Real", "200% Syn", "Real+100% Syn", "Real+200% Syn", "table2"))
+    real_run = next(r for r in runs if r.info.run_name == "layers: Real")
+    assert real_run.data.metrics["dice.mean"] == pytest.approx(report["rows"][0]["dice"]["mean"])
 
 
 def _bad(tmp_path: Path, inputs: dict[str, str], capsys, **change: str) -> str:

@@ -321,6 +321,16 @@ def plan(req: DownstreamRequest, log: Callable[[str], None] = print) -> Plan:
 # ------------------------------------------------------------------------------ workers
 
 
+def result_key(p: Plan, row: Row, seed: int) -> str:
+    """A (row, seed) result's key in the checkpoint; it names the budget and the row's
+    volumes, so a rerun with other settings or data retrains instead of reusing results."""
+    import hashlib
+
+    volumes = hashlib.sha256("\n".join(row.volumes).encode()).hexdigest()[:12]
+    r = p.req
+    return f"{row.key}/seed{seed}/steps{r.max_steps}/batch{r.batch_size}/lr{r.lr}/{volumes}"
+
+
 def _worker(config: dict[str, Any]) -> None:
     """Ray Train loop: train and score every (row, seed) not yet in the checkpoint."""
     import ray
@@ -354,7 +364,7 @@ def _worker(config: dict[str, Any]) -> None:
 
     for row in p.rows:
         for seed in range(req.seeds):
-            key = f"{row.key}/seed{seed}"
+            key = result_key(p, row, seed)
             if key in results:
                 continue
             model = train_segmenter_in_worker(p, p.sets[row.key], seed, device, rank, world)
@@ -398,7 +408,7 @@ def summarise(p: Plan, results: dict[str, Any]) -> dict[str, Any]:
     """The report: per row, mean +- std over seeds of each seed's test-set mean."""
     rows = []
     for row in p.rows:
-        per_seed = [results[f"{row.key}/seed{s}"] for s in range(p.req.seeds)]
+        per_seed = [results[result_key(p, row, s)] for s in range(p.req.seeds)]
         entry: dict[str, Any] = {
             "train": row.train,
             "name": row.name,

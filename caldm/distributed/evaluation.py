@@ -14,6 +14,13 @@ Pipeline (one row per volume, then one row per plane):
 3. An actor pool (one GPU per actor when GPUs are used) turns planes into 2048-d features.
 4. The driver streams the features into per-(set, plane kind) mean/covariance accumulators
    (bounded memory for any number of planes) and computes the Fréchet distances.
+
+Label fidelity (:func:`label_fidelity`, when a segmenter is given or real training data to
+train one): does each synthetic volume follow the label that guided it? A segmenter trained on
+real (image, label) pairs segments every synthetic volume and every held-out real volume; the
+report gives mean Dice and boundary MAD (layers) or IoU-A/IoU-V and the en-face vessel
+contrast (vessels) of both against their own labels, and their ratio. The segmenter runs on
+the driver, one volume at a time.
 """
 
 from __future__ import annotations
@@ -274,6 +281,129 @@ def preview_url(out: str) -> str:
     return (out[: -len(".json")] if out.endswith(".json") else out) + ".png"
 
 
+def fidelity_task(synthetic: str) -> str:
+    """The label kind the synthetic dataset was guided by: ``layers`` if it has layer labels,
+    else ``vessels``; DataError naming ``<synthetic>/labels`` when it has neither."""
+    from caldm.data.layout import DatasetLayout
+
+    layout = DatasetLayout(synthetic)
+    for kind in ("layers", "vessels"):
+        if layout.label_ids(kind):
+            return kind
+    raise DataError(
+        f"{layout.root}/labels",
+        "no layers or vessels labels beside the images: label fidelity needs the guiding labels",
+    )
+
+
+def load_or_train_segmenter(
+    task: str,
+    segmenter: str | None = None,
+    train_real: str | None = None,
+    steps: int = 300,
+    seed: int = 0,
+    log: Any = print,
+) -> tuple[Any, Any, str]:
+    """(model, SegmenterConfig, where it came from): the segmenter file at ``segmenter``
+    (written by ``jobs/downstream.py``), or one trained here on the real dataset ``train_real``
+    for ``steps`` steps. Nothing is downloaded."""
+    from caldm.data.io import read_bytes
+    from caldm.distributed.downstream import iter_pairs, num_classes_of, planes_of
+    from caldm.nn.nets.segmenter import (
+        SegmenterConfig,
+        plane_shape_for,
+        segmenter_from_bytes,
+        train_segmenter,
+    )
+
+    if segmenter is not None:
+        try:
+            model, cfg = segmenter_from_bytes(read_bytes(segmenter), segmenter)
+        except ValueError as exc:
+            raise DataError(segmenter, str(exc).removeprefix(f"{segmenter}: ")) from None
+        if cfg.task != task:
+            raise DataError(segmenter, f"a {cfg.task} segmenter; the synthetic labels are {task}")
+        return model, cfg, segmenter
+    if train_real is None:
+        raise CaldmError("label fidelity needs --segmenter PATH or --train-real URL")
+    num_classes = num_classes_of(train_real, task)
+    pairs = list(iter_pairs(train_real, task, num_classes))
+    cfg = SegmenterConfig(task, num_classes, plane_shape_for(pairs[0].volume.shape, task))
+    planes = planes_of(pairs, cfg)
+    log(f"evaluate: training a {task} segmenter on {len(pairs)} real volumes ({steps} steps)")
+    model = train_segmenter(planes.images.astype(np.float32), planes.labels, cfg, steps, seed)
+    return model, cfg, f"trained on {train_real} ({steps} steps, seed {seed})"
+
+
+def label_fidelity(
+    heldout: str,
+    synthetic: str,
+    segmenter: str | None = None,
+    train_real: str | None = None,
+    steps: int = 300,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Label fidelity of ``synthetic`` (each volume against the label that guided it), next to
+    the same numbers on the held-out real volumes of ``heldout``.
+
+    Returns ``{"task", "segmenter", "num_classes", "real": {metric: {"mean", "std"}, "n"},
+    "synthetic": {...}, "ratio": {metric: synthetic mean / real mean}}``; metrics are
+    ``dice``, ``mad`` (layers) or ``iou_a``, ``iou_v``, ``vessel_contrast`` (vessels). Labels
+    with a class the segmenter does not know, or of another shape than their image, are a
+    DataError naming the file.
+    """
+    from caldm.distributed.downstream import iter_pairs, score_segmenter
+
+    task = fidelity_task(synthetic)
+    model, cfg, source = load_or_train_segmenter(task, segmenter, train_real, steps, log=log)
+    report: dict[str, Any] = {"task": task, "segmenter": source, "num_classes": cfg.num_classes}
+    for name, root in (("real", heldout), ("synthetic", synthetic)):
+        contrast: list[float] = []
+
+        def pairs(root: str = root, contrast: list[float] = contrast) -> Any:
+            for pair in iter_pairs(root, task, cfg.num_classes):
+                if task == "vessels":
+                    contrast.append(metrics.vessel_contrast(pair.volume, pair.label))
+                yield pair
+
+        report[name] = score_segmenter(model, cfg, pairs())
+        if task == "vessels":
+            finite = [c for c in contrast if np.isfinite(c)]
+            report[name]["vessel_contrast"] = (
+                metrics.mean_std(finite) if finite else {"mean": float("nan"), "std": 0.0}
+            )
+    report["ratio"] = {
+        k: report["synthetic"][k]["mean"] / report["real"][k]["mean"]
+        if report["real"][k]["mean"]
+        else None
+        for k in report["real"]
+        if k != "n"
+    }
+    return report
+
+
+def overlay_image(real: str, synthetic: str, task: str, per_set: int = PREVIEW_PER_SET) -> Any:
+    """Synthetic volumes with their guiding label drawn over them, beside real ones with their
+    own label (:func:`caldm.preview.label_overlay`)."""
+    from caldm.data.io import read_label, read_volume
+    from caldm.data.layout import DatasetLayout
+    from caldm.preview import label_overlay
+
+    vols, labels, titles = [], [], []
+    for name, root in zip(SETS, (real, synthetic)):
+        layout = DatasetLayout(root)
+        for sample_id in layout.label_ids(task)[:per_set]:
+            vols.append(read_volume(layout.image_url(sample_id))[0])
+            labels.append(read_label(layout.label_url(task, sample_id), task))
+            titles.append(f"{name}: {sample_id}")
+    return label_overlay(vols, labels, titles)
+
+
+def overlay_url(out: str) -> str:
+    """The label overlay PNG beside the report: ``x/report.json`` -> ``x/label_overlay.png``."""
+    return out.rsplit("/", 1)[0] + "/label_overlay.png" if "/" in out else "label_overlay.png"
+
+
 def evaluate(
     real: str,
     synthetic: str,
@@ -283,21 +413,33 @@ def evaluate(
     num_gpus: int | None = None,
     out: str | None = None,
     workers: int = 1,
+    segmenter: str | None = None,
+    train_real: str | None = None,
+    segmenter_steps: int = 300,
 ) -> dict[str, Any]:
     """Intra-FID, Inter-FID and TV of ``synthetic`` against ``real`` (dataset roots).
 
     Returns ``{"intra_fid", "inter_fid", "tv": {"real": {"mean", "std"}, "synthetic": {...}},
     "slice_consistency": {<measure>: {"real", "synthetic", "ratio"}}, "feature_extractor",
     "n_real", "n_synthetic", "slices"}``; ``slices`` holds ``max_per_volume`` and the number
-    of planes per set and plane kind. With ``out`` (a ``.json`` path or URL) the report is
-    written there, a preview PNG beside it (:func:`preview_url`), and both are logged to
-    MLflow (experiment ``evaluate``). Raises :class:`CaldmError` (one line naming the file)
-    on bad input.
+    of planes per set and plane kind. With ``segmenter`` (a file from ``jobs/downstream.py``)
+    or ``train_real`` (real training data to train one on for ``segmenter_steps`` steps), the
+    report also has ``label_fidelity`` (:func:`label_fidelity`, with ``real`` as the held-out
+    set). With ``out`` (a ``.json`` path or URL) the report is written there, a preview PNG
+    beside it (:func:`preview_url`; with label fidelity also :func:`overlay_url`), and all are
+    logged to MLflow (experiment ``evaluate``). Raises :class:`CaldmError` (one line naming
+    the file) on bad input.
     """
+    fidelity = None
+    if segmenter is not None or train_real is not None:
+        # Labels are checked (and a segmenter trained) before the longer FID pass.
+        fidelity = label_fidelity(real, synthetic, segmenter, train_real, segmenter_steps)
     report = compute_report(
         real, synthetic, inception_weights, max_slices_per_volume, batch_size, num_gpus,
         workers,
     )  # fmt: skip
+    if fidelity is not None:
+        report["label_fidelity"] = fidelity
     if out is not None:
         write_outputs(report, out, real, synthetic, inception_weights)
     return report
@@ -325,7 +467,15 @@ def write_outputs(
         "feature_extractor": report["feature_extractor"],
         "slices": report["slices"],
     }
+    overlay = None
+    if "label_fidelity" in report:
+        overlay = overlay_image(real, synthetic, report["label_fidelity"]["task"])
+        buf = io.BytesIO()
+        overlay.save(buf, format="PNG")
+        write_bytes(overlay_url(out), buf.getvalue())
     with tracking.start_run(out_dir or ".", "evaluate", "evaluate", params):
-        keys = ("intra_fid", "inter_fid", "tv", "slice_consistency")
-        tracking.log_metrics({k: report[k] for k in keys})
+        keys = ("intra_fid", "inter_fid", "tv", "slice_consistency", "label_fidelity")
+        tracking.log_metrics({k: report[k] for k in keys if k in report})
         tracking.log_image(image, "preview.png")
+        if overlay is not None:
+            tracking.log_image(overlay, "label_overlay.png")

@@ -660,8 +660,12 @@ def train_loop(p: TrainPlan) -> None:
         if rank == 0:
             from caldm.distributed import tracking
 
+            params = cfg.flat()
+            if trainer.ctx.hybrid is not None:  # which perceptual term, "auto" resolved
+                params["perceptual_in_use"] = trainer.ctx.hybrid.perceptual_kind
+                print(f"{p.stage}: perceptual term {params['perceptual_in_use']}")
             stack.enter_context(
-                tracking.start_run(p.out, p.experiment, p.run_name or p.stage, cfg.flat())
+                tracking.start_run(p.out, p.experiment, p.run_name or p.stage, params)
             )
         metrics: dict[str, float] = {}
         speed: list[float] = []

@@ -54,10 +54,18 @@ class FSRConfig(_Strict):
 
 
 class AdaptorConfig(_Strict):
-    """3D adaptors of DecM: Conv3d across the slice axis after each decoder residual block."""
+    """3D adaptors of DecM: Conv3d across the slice axis after each decoder residual block.
+
+    ``form`` (caldm.nn.blocks.adaptor): ``mix`` is the paper's ``x + alpha (adapt(x) - x)``;
+    ``residual`` is ``x + alpha conv(act(norm(x)))`` with a zero-initialised conv, the identity
+    at the start like ``mix`` with alpha 0, but with gradients for the conv from step one. The
+    default stays ``mix`` so that bundles written before the key decode as trained; presets
+    choose ``residual`` (docs/design-notes.md: with mix and alpha 0 the adaptors never learned).
+    """
 
     kernel_size: int = 3
     alpha_init: float = 0.0
+    form: Literal["mix", "residual"] = "mix"
     levels: list[int] | None = None  # decoder levels that get adaptors; None = all
 
 
@@ -94,8 +102,11 @@ class LossConfig(_Strict):
     """The LDM hybrid loss for the autoencoder stages."""
 
     l1_weight: float = 1.0
+    # The perceptual term (caldm.nn.losses.perceptual_term): "auto" is VGG/LPIPS when
+    # perceptual_weights_path is given, else "ssim" (MONAI's SSIM, nothing to download).
+    perceptual: Literal["auto", "vgg", "ssim", "spectral", "none"] = "auto"
     perceptual_weight: float = 0.3
-    perceptual_weights_path: str | None = None  # no weights -> perceptual term off
+    perceptual_weights_path: str | None = None  # VGG16 weights for "vgg" (never downloaded)
     adv_weight: float = 0.05
     adv_start_step: int = 0
     kl_weight: float = 1e-6
@@ -235,6 +246,12 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
 
+    def adaptor_window(self) -> tuple[int, int]:
+        """(slices, halo) of an adaptor training window: a decode chunk with its halo each
+        side, as chunked decoding feeds DecM (the loss is on the chunk's slices)."""
+        halo = self.model.k // 2
+        return self.sampling.decode_chunk + 2 * halo, halo
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -275,6 +292,7 @@ def _paper() -> dict[str, Any]:
                 "attention_levels": [False, True, True, True],
                 "num_res_blocks": 2,
             },
+            "adaptor": {"form": "residual", "alpha_init": 1.0},
             "condition": {"channels": 32},
             "discriminator": {"channels": 64, "num_layers": 3},
         },
@@ -304,6 +322,7 @@ def _small() -> dict[str, Any]:
                 "num_res_blocks": 1,
                 "num_head_channels": 32,
             },
+            "adaptor": {"form": "residual", "alpha_init": 1.0},
             "condition": {"channels": 16},
             "discriminator": {"channels": 32, "num_layers": 3},
         },
@@ -340,6 +359,7 @@ def _tiny() -> dict[str, Any]:
                 "num_head_channels": 16,
                 "norm_num_groups": 8,
             },
+            "adaptor": {"form": "residual", "alpha_init": 1.0},
             "condition": {"channels": 8},
             "discriminator": {"channels": 8, "num_layers": 2},
             "loss": {"adv_start_step": 50},

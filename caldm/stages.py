@@ -122,15 +122,21 @@ def nhae_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
 
 
 def adaptor_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
-    """DecM's 3D adaptors: k consecutive slices encoded by frozen Enc2D, decoded by DecM
-    (frozen Dec2D + adaptors); the center slice is compared with the real one (Eq. 1)."""
-    window = batch["window"]  # (B, k, 1, H, W)
-    b, k = window.shape[:2]
+    """DecM's 3D adaptors as chunked decoding uses them: a window of a decode chunk plus its
+    halo (:meth:`Config.adaptor_window`) encoded by frozen Enc2D and decoded together by DecM
+    (frozen Dec2D + adaptors); every output slice of the chunk is compared with the real one.
+
+    Eq. 1's exact mode is the same computation with a chunk of one slice; training on the
+    chunk covers every position an output slice can take in either mode.
+    """
+    window = batch["window"]  # (B, n, 1, H, W), n = decode_chunk + 2 halo
+    b, n = window.shape[:2]
+    halo = min(ctx.cfg.adaptor_window()[1], (n - 1) // 2)
     with torch.no_grad():
         z, _ = mods["enc2d"](window.flatten(0, 1))
-    z = z.reshape(b, k, *z.shape[1:])
-    x_rec = DecM(mods["dec2d"], mods["adaptors"]).decode_center(z)
-    x = window[:, k // 2]
+    z = z.reshape(b, n, *z.shape[1:])
+    x_rec = DecM(mods["dec2d"], mods["adaptors"])(z)[:, halo : n - halo].flatten(0, 1)
+    x = window[:, halo : n - halo].flatten(0, 1)
     losses = ctx.hybrid(x, x_rec, _adversarial(mods, x_rec, ctx))
     return StepOutput(losses, real=x, fake=x_rec, preview={"real": x, "reconstructed": x_rec})
 
@@ -247,7 +253,7 @@ def example_batch(
             "index": torch.randint(0, d, (b, s), device=device),
         }
     elif stage == "adaptor":
-        batch = {"window": rnd(b, m.k, 1, h, w)}
+        batch = {"window": rnd(b, cfg.adaptor_window()[0], 1, h, w)}
     elif stage == "diff3d":
         batch = {"z": rnd(b, *m.latent_shape)}
     elif stage == "refiner":

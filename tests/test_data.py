@@ -410,8 +410,9 @@ def test_volume_datasets_yield_documented_shapes(phantom_root, cfg):
     slice0 = item["slices"][0, 0].numpy()
     assert any(np.array_equal(v[int(item["index"][0])], slice0) for v in volumes)
     window = _take(SliceWindowDataset(phantom_root, cfg), 1)[0]["window"]
-    assert window.shape == (k, 1, h, w)
-    match = [v for v in volumes if any(np.array_equal(v[j], window[k // 2, 0]) for j in range(d))]
+    n = cfg.sampling.decode_chunk + 2 * (k // 2)  # a decode chunk and its halo
+    assert window.shape == (n, 1, h, w)
+    match = [v for v in volumes if any(np.array_equal(v[j], window[n // 2, 0]) for j in range(d))]
     assert match, "the window centre is a slice of some volume"
 
 
@@ -424,8 +425,9 @@ def test_window_edges_are_replicated(tmp_path, cfg):
     centres_seen = set()
     for item in _take(SliceWindowDataset(root, cfg), 64):
         levels = np.rint((item["window"][:, 0, 0, 0].numpy() + 1) * 127.5 / 8).astype(int)
-        centre = levels[cfg.model.k // 2]
-        expected = np.clip(centre + np.arange(cfg.model.k) - cfg.model.k // 2, 0, d - 1)
+        n = len(levels)
+        centre = levels[n // 2]
+        expected = np.clip(centre + np.arange(n) - n // 2, 0, d - 1)
         np.testing.assert_array_equal(levels, expected)
         centres_seen.add(int(centre))
     assert 0 in centres_seen or d - 1 in centres_seen

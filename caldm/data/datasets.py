@@ -16,7 +16,7 @@ epochs); otherwise its DataError propagates.
 |---|---|---|
 | BScanDataset | ae2d | image (1, H, W) |
 | ThumbnailSliceDataset | nhae | thumbnail (1, Dt, Ht, Wt), slices (S, 1, H, W), index (S,) long |
-| SliceWindowDataset | adaptor | window (k, 1, H, W): slices i-k//2 .. i+k//2, edges replicated |
+| SliceWindowDataset | adaptor | window (n, 1, H, W): n consecutive slices, edges replicated |
 | LatentDataset diff3d | diff3d | z (c, D', H', W') [+ label: class fractions (C, 2D', 2H', 2W')] |
 | LatentDataset refiner | refiner | z_sr, z_hr (c, H', W') of one slice i [+ label (C, 2H', 2W')] |
 """
@@ -146,11 +146,13 @@ class ThumbnailSliceDataset(_VolumeStream):
 
 
 class SliceWindowDataset(_VolumeStream):
-    """adaptor: k consecutive slices centred on a random slice, ``{"window": (k, 1, H, W)}``."""
+    """adaptor: a decode chunk and its halo (``Config.adaptor_window``: n = decode_chunk +
+    2 (k // 2) consecutive slices) around a random slice, ``{"window": (n, 1, H, W)}``; beyond
+    the volume the end slices repeat, as decoding does."""
 
     def _items(self, volume: np.ndarray, rng: np.random.Generator) -> Iterator[Item]:
-        k = self.cfg.model.k
-        offsets = np.arange(k) - k // 2
+        n, _ = self.cfg.adaptor_window()
+        offsets = np.arange(n) - n // 2
         for centre in self._slice_indices(rng, volume.shape[0]):
             index = np.clip(centre + offsets, 0, volume.shape[0] - 1)  # replicate the edges
             yield {"window": _tensor(volume[index][:, None])}

@@ -809,9 +809,13 @@ def train_loop(p: TrainPlan) -> None:
         if rank == 0:
             from caldm.distributed import tracking
 
+            params = cfg.flat()
+            if trainer.ctx.hybrid is not None:  # which perceptual term, "auto" resolved
+                params["perceptual_in_use"] = trainer.ctx.hybrid.perceptual_kind
+                print(f"{p.stage}: perceptual term {params['perceptual_in_use']}")
             stack.enter_context(
                 tracking.start_run(
-                    p.out, p.experiment, p.run_name or p.stage, cfg.flat(), p.mlflow_run_id
+                    p.out, p.experiment, p.run_name or p.stage, params, p.mlflow_run_id
                 )
             )
         metrics: dict[str, float] = {}

@@ -1,4 +1,18 @@
-"""The LDM hybrid loss of the autoencoder stages: L1 + perceptual + patch GAN + KL."""
+"""The LDM hybrid loss of the autoencoder stages: L1 + perceptual + patch GAN + KL.
+
+The perceptual term (``model.loss.perceptual``) is one of:
+
+- ``vgg``: LPIPS-style distance on VGG16 features (:mod:`caldm.nn.perceptual`), with weights
+  the user provides (``perceptual_weights_path``); nothing is downloaded.
+- ``ssim``: ``1 - SSIM`` (MONAI's :class:`~monai.losses.SSIMLoss`, Gaussian window). It compares
+  local means, contrasts and structure, so unlike L1 it penalises a reconstruction that has
+  lost the speckle's local contrast (too smooth); needs no weights. The default without VGG.
+- ``spectral``: L1 between the images' Fourier amplitudes (MONAI's
+  :class:`~monai.losses.JukeboxLoss`): matches how much energy each frequency has, not where.
+- ``none``.
+
+``auto`` (the default) is ``vgg`` when a weights path is given, else ``ssim``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +21,45 @@ import torch.nn.functional as F
 from torch import nn
 
 from caldm.config import LossConfig
+from caldm.errors import ConfigError
 from caldm.nn.perceptual import PerceptualLoss
+
+
+def perceptual_kind(cfg: LossConfig) -> str:
+    """The perceptual term in use: ``cfg.perceptual`` with ``auto`` resolved."""
+    if cfg.perceptual_weight <= 0:
+        return "none"
+    if cfg.perceptual == "auto":
+        return "vgg" if cfg.perceptual_weights_path else "ssim"
+    if cfg.perceptual == "vgg" and not cfg.perceptual_weights_path:
+        raise ConfigError(
+            "model.loss.perceptual=vgg needs model.loss.perceptual_weights_path (VGG16 "
+            "weights are never downloaded); or use ssim or spectral"
+        )
+    return cfg.perceptual
+
+
+class SSIMDistance(nn.Module):
+    """``1 - SSIM`` of images in [-1, 1]; the window shrinks for small images.
+
+    Computed on [0, 1], SSIM's usual range: on [-1, 1] the luminance term, a ratio of local
+    means, would blow up where the mean is near 0 (mid-grey).
+    """
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from monai.losses import SSIMLoss
+
+        win = min(11, (min(x.shape[-2:]) - 1) | 1)  # odd, smaller than the image
+        return SSIMLoss(spatial_dims=2, data_range=1.0, win_size=win)((x + 1) / 2, (y + 1) / 2)
+
+
+class SpectralDistance(nn.Module):
+    """L1 between Fourier amplitudes (MONAI's JukeboxLoss, orthonormal FFT)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from monai.losses import JukeboxLoss
+
+        return JukeboxLoss(spatial_dims=2, fft_norm="ortho")(x, y)
 
 
 def kl_loss(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
@@ -21,14 +73,19 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
 
 
 class HybridLoss(nn.Module):
-    """Reconstruction side of the LDM loss; the perceptual term is off without weights."""
+    """Reconstruction side of the LDM loss; ``perceptual_kind`` names the perceptual term."""
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.perceptual = (
-            PerceptualLoss(cfg.perceptual_weights_path) if cfg.perceptual_weights_path else None
-        )
+        self.perceptual_kind = perceptual_kind(cfg)
+        builders = {
+            "vgg": lambda: PerceptualLoss(cfg.perceptual_weights_path),
+            "ssim": SSIMDistance,
+            "spectral": SpectralDistance,
+        }
+        build = builders.get(self.perceptual_kind)
+        self.perceptual = build() if build is not None else None
 
     def adversarial_active(self, step: int) -> bool:
         return self.cfg.adv_weight > 0 and step >= self.cfg.adv_start_step
@@ -44,7 +101,7 @@ class HybridLoss(nn.Module):
         """Loss parts and their weighted sum under ``"loss"``; all scalars."""
         parts: dict[str, torch.Tensor] = {"l1": (x - x_rec).abs().mean()}
         total = self.cfg.l1_weight * parts["l1"]
-        if self.perceptual is not None and self.cfg.perceptual_weight > 0:
+        if self.perceptual is not None:
             parts["perceptual"] = self.perceptual(x.float(), x_rec.float())
             total = total + self.cfg.perceptual_weight * parts["perceptual"]
         if fake_logits is not None:

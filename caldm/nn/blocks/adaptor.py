@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -11,9 +13,13 @@ class Adaptor3D(nn.Module):
 
     Input and output are ``(B * n, C, h, w)``: the 2D layers of DecM see slices as batch items;
     the adaptor folds them into ``(B, C, n, h, w)``, applies GroupNorm, SiLU and a Conv3d whose
-    kernel spans ``kernel_size`` slices, and mixes the result with its input:
-    ``out = x + alpha * (adapt(x) - x)``. With ``alpha = 0`` the adaptor is the identity, so a
-    fresh DecM decodes exactly like the frozen Dec2D it was built from.
+    kernel spans ``kernel_size`` slices (``adapt(x)``), and combines the result with its input:
+
+    - ``mix`` (the paper): ``out = x + alpha * (adapt(x) - x)``. The identity at ``alpha = 0``,
+      but there the conv gets no gradient and alpha only sees a random conv's output, so the
+      adaptors stay near the identity (docs/design-notes.md, "DecM").
+    - ``residual``: ``out = x + alpha * adapt(x)`` with the conv zero-initialised: also the
+      identity when fresh, so DecM starts as the frozen Dec2D, and the conv learns at once.
     """
 
     def __init__(
@@ -22,8 +28,12 @@ class Adaptor3D(nn.Module):
         kernel_size: int = 3,
         alpha_init: float = 0.0,
         norm_num_groups: int = 32,
+        form: Literal["mix", "residual"] = "mix",
     ) -> None:
         super().__init__()
+        if form not in ("mix", "residual"):
+            raise ValueError(f"unknown adaptor form {form!r}; expected mix or residual")
+        self.form = form
         groups = min(norm_num_groups, channels)
         while channels % groups:
             groups -= 1
@@ -32,6 +42,9 @@ class Adaptor3D(nn.Module):
         self.conv = nn.Conv3d(
             channels, channels, (kernel_size, 3, 3), padding=(kernel_size // 2, 1, 1)
         )
+        if form == "residual":
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
         # Shape (1,), not a 0-dim scalar: DeepSpeed broadcasts parameters viewed as bytes,
         # which fails for 0-dim tensors.
         self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
@@ -40,4 +53,6 @@ class Adaptor3D(nn.Module):
         bn, c, h, w = x.shape
         vol = x.reshape(bn // num_slices, num_slices, c, h, w).transpose(1, 2)
         adapted = self.conv(self.act(self.norm(vol))).transpose(1, 2).reshape(bn, c, h, w)
+        if self.form == "residual":
+            return x + self.alpha.to(x.dtype) * adapted
         return x + self.alpha.to(x.dtype) * (adapted - x)

@@ -482,11 +482,18 @@ def compose(probe: dict[str, Any], sampler: str, steps: int, mode: str, d: int) 
 
 
 def sample_volume(
-    pipe: TimedPipeline, sampler: str, steps: int, mode: str, tracker: PeakTracker, seed: int = 0
+    pipe: TimedPipeline,
+    sampler: str,
+    steps: int,
+    mode: str,
+    tracker: PeakTracker | None,
+    seed: int = 0,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Sample one whole volume; its seconds, their split and the peak memory."""
+    """Sample one whole volume; its seconds, their split and the peak memory (with a
+    tracker)."""
     pipe.seconds.clear()
-    tracker.reset()
+    if tracker is not None:
+        tracker.reset()
     start = clock(pipe.device)
     volume = pipe.sample(
         seed, sampler=sampler, steps=steps, refiner_sampler=sampler, refiner_steps=steps,
@@ -495,7 +502,8 @@ def sample_volume(
     total = clock(pipe.device) - start
     split = {k: pipe.seconds.get(k, 0.0) for k in ("diff3d", "refiner")}
     split["decode"] = total - sum(split.values())
-    return {"seconds": total, "split": split, "peak_bytes": tracker.peak}, volume
+    peak = None if tracker is None else tracker.peak
+    return {"seconds": total, "split": split, "peak_bytes": peak}, volume
 
 
 def count_flops(cfg: Config) -> dict[str, Any]:
@@ -740,8 +748,11 @@ class Suite:
         _, sampler, steps, mode = next(s for s in SETTINGS if s[0] == key)
         held = 0 if self.pipe.offload else module_bytes(*self.pipe.modules.values())
         free_memory(self.device)
-        with PeakTracker(self.device, self.floor, held) as tracker:
-            res, _ = sample_volume(self.pipe, sampler, steps, mode, tracker)
+        if with_memory or self.device.type == "cuda":
+            with PeakTracker(self.device, self.floor, held) as tracker:
+                res, _ = sample_volume(self.pipe, sampler, steps, mode, tracker)
+        else:  # counting CPU tensors would slow the dry run's volume several times
+            res, _ = sample_volume(self.pipe, sampler, steps, mode, None)
         composed = self.composed(key)
         res["composed_s"] = None if composed is None else composed["seconds"]
         self.r["seconds_per_volume"][key] = res["seconds"]
@@ -870,7 +881,13 @@ def render(r: dict[str, Any]) -> str:
         f"torch {r['torch']}, CUDA {r['cuda']}, Python {r['python']}; "
         f"budget {r['budget_s']:.0f} s, ran {r.get('elapsed_s', 0):.0f} s. "
         "`python benchmarks/gpu_suite.py` (stand-in single-worker steps: torch AdamW, no "
-        "Ray/DeepSpeed; random weights).",
+        "Ray/DeepSpeed; random weights)."
+        + (
+            " Dry run: CPU times on the tiny preset (the DPM-Solver++-20 volume's inflated by "
+            "counting every CPU tensor); figures not comparable with the targets."
+            if dry
+            else ""
+        ),
         "",
         f"## Training, one worker (measured: {kind})",
         "",

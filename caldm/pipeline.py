@@ -430,10 +430,15 @@ def sampling_memory(
         return module_bytes(*(pipe.modules[n] for n in names if n in pipe.modules))
 
     labels = None
-    if condition:
-        d, h, w = cfg.model.image_shape
-        blank = np.zeros((d, h, w) if condition == "layers" else (d, w), np.uint8)
-        labels = prepare_labels(blank, condition, cfg)
+    if condition:  # what prepare_labels hands over, without reducing a full-size label on meta
+        from caldm.data.labels import encoder_grid, num_label_classes
+
+        classes = num_label_classes(condition, cfg.model.condition.layer_classes)
+        rows = encoder_grid(cfg, condition, "refiner")
+        labels = PreparedLabels(
+            np.zeros((classes, *encoder_grid(cfg, condition, "diff3d")), np.float32),
+            np.zeros((rows[0], classes, *rows[1:]), np.float32),
+        )
     s = cfg.sampling
     with torch.inference_mode():
         with PeakMemory(resident(LATENT_MODULES)) as latent:

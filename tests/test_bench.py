@@ -80,6 +80,11 @@ def test_bench_memory_command_json() -> None:
     report = json.loads(out)
     assert set(report["train"]) == set(STAGES)
     assert all(v > 0 for v in report["train"].values()) and report["sample"] > 0
+    # label-guided rows: the encoders and their class-fraction input cost something on top
+    guided = report["conditioned"]
+    assert guided["layer_classes"] == 11 and set(guided["train"]) == {"diff3d", "refiner"}
+    assert guided["sample"] > report["sample"]
+    assert all(guided["train"][s] > report["train"][s] for s in guided["train"])
 
 
 # ---------------------------------------------------------------- benchmarks/gpu_suite.py

@@ -162,3 +162,40 @@ def test_augmentation_moves_latents_and_label_together(tmp_path) -> None:
     # unconditioned streams are never augmented
     item = next(iter(LatentDataset(root, cfg, "diff3d")))
     np.testing.assert_array_equal(item["z"].numpy(), z)
+
+
+def test_train_plan_takes_the_class_count_from_data_and_bundle(tmp_path) -> None:
+    """The README path with 11 classes: refiner --condition layers on a diff3d-layers bundle
+    (was: "bundle was made for another model (layer_classes = 11, this run has 9)"); 7-class
+    labels on that bundle fail with one line naming the labels."""
+    import json
+
+    from caldm.bundle import init_bundle
+    from caldm.data.datasets import latent_url, write_latent_source, write_latents
+    from caldm.data.phantom import write_phantom_dataset
+    from caldm.distributed.train import TrainRequest, plan
+
+    cfg = preset("tiny")
+    cfg.model.condition.layer_classes = 11
+    bundle = str(tmp_path / "diff3d-layers")
+    init_bundle("tiny", bundle, condition="layers", cfg=cfg)
+    for classes in (11, 7):
+        data, latents = str(tmp_path / f"data{classes}"), str(tmp_path / f"lat{classes}")
+        ids = write_phantom_dataset(data, 1, "tiny", seed=0, num_classes=classes)
+        z = np.zeros(cfg.model.latent_shape, np.float32)
+        z_sr = np.zeros(cfg.model.z_sr_shape, np.float32)
+        write_latents(latent_url(latents, ids[0]), z, z_sr, z_sr)
+        write_latent_source(latents, data)
+        stats = {k: {"mean": 0.0, "std": 1.0} for k in ("z", "z_sr", "z_hr")}
+        (tmp_path / f"lat{classes}" / "stats.json").write_text(json.dumps(stats))
+    req = dict(stage="refiner", out=str(tmp_path / "out"), preset="tiny", condition="layers")
+    p = plan(TrainRequest(data=str(tmp_path / "lat11"), bundle=bundle, **req))
+    assert p.num_classes == 11 and p.cfg.model.condition.layer_classes == 11
+    with pytest.raises(DataError, match="labels have 7 layer classes.*conditioned on 11") as err:
+        plan(TrainRequest(data=str(tmp_path / "lat7"), bundle=bundle, **req))
+    assert str(tmp_path / "data7") in str(err.value)
+    # an unconditional bundle takes the data's count (7), whatever the preset says (9)
+    plain = str(tmp_path / "plain")
+    init_bundle("tiny", plain)
+    p = plan(TrainRequest(data=str(tmp_path / "lat7"), bundle=plain, **{**req, "stage": "diff3d"}))
+    assert p.num_classes == 7

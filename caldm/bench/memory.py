@@ -87,20 +87,32 @@ def stage_peak_bytes(stage: str, cfg: Config, condition: str | None = None) -> d
     }
 
 
-def sampling_peak_bytes(cfg: Config) -> int:
+def sampling_peak_bytes(cfg: Config, condition: str | None = None) -> int:
     """Peak bytes of streaming sampling (one volume), from the pipeline run on meta."""
-    from caldm.pipeline import account_sampling
+    from caldm.pipeline import sampling_memory
 
-    return account_sampling(cfg)
+    return sampling_memory(cfg, condition=condition)["peak"]
+
+
+# The label-guided rows count this many layer classes: the most of the datasets caldm is run on.
+CONDITIONED_CLASSES = 11
 
 
 def memory_report(preset_name: str) -> dict[str, Any]:
     """``{"train": {stage: bytes}, "sample": bytes, "details": {...}}`` for a preset."""
     cfg = preset(preset_name)
     details = {stage: stage_peak_bytes(stage, cfg) for stage in STAGE_NAMES}
+    guided = cfg.model_copy(deep=True)
+    guided.model.condition.layer_classes = CONDITIONED_CLASSES
+    tuned = ("diff3d", "refiner")
     return {
         "train": {stage: d["peak"] for stage, d in details.items()},
         "sample": sampling_peak_bytes(cfg),
+        "conditioned": {  # label-guided (layers) fine-tunes and sampling
+            "layer_classes": CONDITIONED_CLASSES,
+            "train": {s: stage_peak_bytes(s, guided, "layers")["peak"] for s in tuned},
+            "sample": sampling_peak_bytes(guided, "layers"),
+        },
         "details": details,
         "settings": {
             "precision": cfg.train.precision,
@@ -125,3 +137,8 @@ def print_memory_report(preset_name: str, report: dict[str, Any]) -> None:
         ]
         print(f"  {stage:>12}" + "".join(f"{v:>12.2f}" for v in row))
     print(f"  {'sample':>12}{report['sample'] / GIB:>12.2f}")
+    guided = report["conditioned"]
+    print(f"  label-guided (layers, {guided['layer_classes']} classes):")
+    for stage, peak in guided["train"].items():
+        print(f"  {stage:>12}{peak / GIB:>12.2f}")
+    print(f"  {'sample':>12}{guided['sample'] / GIB:>12.2f}")

@@ -79,7 +79,7 @@ PATH: tuple[Step, ...] = (
     Step("adaptor", "adaptor", "images", 100),
     Step("diff3d", "diff3d", "latents", 1500),
     Step("refiner", "refiner", "latents", 1500),
-    Step("diff3d_guided", "diff3d", "latents", 500, condition=True),
+    Step("diff3d_guided", "diff3d", "latents", 1000, condition=True),
     Step("refiner_guided", "refiner", "latents", 500, condition=True),
 )
 

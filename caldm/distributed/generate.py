@@ -23,7 +23,8 @@ the files byte-identical too).
 Labels: the written label is the one the volume was conditioned on. A real label whose grid
 differs from the bundle's image shape is resized with nearest neighbour to it (D x H x W for
 layers, D x W for vessels); the voxel spacing of the real label is scaled so the physical
-extent is kept (a vessels map has no depth axis; its H spacing is written as 1).
+extent is kept (a vessels map has no depth axis; its H spacing is written as 1). The sampler
+itself reads the label at its own resolution (class fractions, :mod:`caldm.data.labels`).
 
 Resume and integrity: a sample is complete when ``.manifest/<sample_id>.json`` exists, matches
 this run's bundle hash, sampler and steps, and its image and label exist with the sizes that row

@@ -1,6 +1,7 @@
 """Label fidelity and the Table 2 analogue of a finished main job, against the issue's targets.
 
     python benchmarks/label_fidelity.py OUT [--markdown FILE]
+    python benchmarks/label_fidelity.py --instrument DIR [--markdown FILE]
 
 OUT is the --out of `jobs/pipeline.py` (after it finished: OUT/report.json holds
 "label_fidelity" and "table2"). Prints a markdown summary:
@@ -10,6 +11,13 @@ OUT is the --out of `jobs/pipeline.py` (after it finished: OUT/report.json holds
   real volumes against their own; target: synthetic Dice >= 0.9 x held-out real Dice;
 - Table 2: each row's metrics (mean +- std over seeds); targets: Syn-only Dice >= 0.9 x Real,
   Real+Syn >= Real.
+
+``--instrument DIR`` needs no trained bundle: it writes the demo's phantom datasets (tiny
+preset, 8 training and 4 held-out volumes) under DIR, trains the label-fidelity segmenter as the
+main job does, and scores two stand-ins for a generator: one that follows its labels exactly
+(the held-out volumes with their own labels: ratio 1 by construction) and one that ignores
+them (the same volumes, each with another volume's label). It shows the range the fidelity
+numbers of a real bundle fall in.
 """
 
 from __future__ import annotations
@@ -63,12 +71,55 @@ def summary(out: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def instrument(root: str) -> str:
+    """The fidelity numbers of a label-following and a label-ignoring stand-in generator."""
+    import time
+
+    from caldm.data.io import write_bytes
+    from caldm.data.layout import DatasetLayout
+    from caldm.data.phantom import write_phantom_dataset
+    from caldm.distributed.end_to_end import FIDELITY_STEPS
+    from caldm.distributed.evaluation import label_fidelity, load_or_train_segmenter
+    from caldm.nn.nets.segmenter import segmenter_bytes
+
+    train, heldout = f"{root}/train", f"{root}/heldout"
+    write_phantom_dataset(train, count=8, preset="tiny", seed=0)
+    write_phantom_dataset(heldout, count=4, preset="tiny", seed=10_000)
+    start = time.time()
+    model, cfg, _ = load_or_train_segmenter("layers", train_real=train, steps=FIDELITY_STEPS)
+    train_s = time.time() - start
+    seg = f"{root}/segmenter.safetensors"
+    write_bytes(seg, segmenter_bytes(model, cfg))
+    src = DatasetLayout(heldout)
+    ids = src.ids()
+    for name, shift in (("follows", 0), ("ignores", 1)):
+        dst = DatasetLayout(f"{root}/{name}")
+        for i, sid in enumerate(ids):
+            write_bytes(dst.image_url(sid), read_bytes(src.image_url(sid)))
+            other = ids[(i + shift) % len(ids)]
+            write_bytes(dst.label_url("layers", sid), read_bytes(src.label_url("layers", other)))
+    lines = [f"Segmenter: {FIDELITY_STEPS} steps on 8 phantom volumes ({train_s:.0f} s)", "",
+             "| stand-in generator | Dice synthetic | Dice held-out real | ratio | "
+             "MAD synthetic (px) | MAD held-out real (px) |", "|---|---|---|---|---|---|"]
+    for name in ("follows", "ignores"):
+        f = label_fidelity(heldout, f"{root}/{name}", segmenter=seg)
+        s, r = f["synthetic"], f["real"]
+        lines.append(
+            f"| {name} its label | {s['dice']['mean']:.3f} | {r['dice']['mean']:.3f} | "
+            f"{f['ratio']['dice']:.2f} | {s['mad']['mean']:.2f} | {r['mad']['mean']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out", help="the --out of a finished jobs/pipeline.py run")
+    p.add_argument("out", nargs="?", help="the --out of a finished jobs/pipeline.py run")
+    p.add_argument("--instrument", metavar="DIR", help="stand-in generators (no bundle needed)")
     p.add_argument("--markdown", default=None, help="also write the summary to this file")
     args = p.parse_args()
-    text = summary(args.out)
+    if (args.out is None) == (args.instrument is None):
+        p.error("give OUT or --instrument DIR")
+    text = instrument(args.instrument) if args.instrument else summary(args.out)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)

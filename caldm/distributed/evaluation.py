@@ -331,7 +331,14 @@ def load_or_train_segmenter(
     cfg = SegmenterConfig(task, num_classes, plane_shape_for(pairs[0].volume.shape, task))
     planes = planes_of(pairs, cfg)
     log(f"evaluate: training a {task} segmenter on {len(pairs)} real volumes ({steps} steps)")
-    model = train_segmenter(planes.images.astype(np.float32), planes.labels, cfg, steps, seed)
+    model = train_segmenter(
+        planes.images.astype(np.float32),
+        planes.labels,
+        cfg,
+        steps,
+        seed,
+        log=lambda step, loss: log(f"evaluate: segmenter step {step}/{steps}, loss {loss:.3f}"),
+    )
     return model, cfg, f"trained on {train_real} ({steps} steps, seed {seed})"
 
 

@@ -82,6 +82,22 @@ def test_ddim_eta_one_is_stochastic_and_still_correct() -> None:
     assert abs(x0.mean().item() - MU) < 0.03 and abs(x0.std().item() - STD) < 0.03
 
 
+def test_ddpm_is_ancestral_sampling() -> None:
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    sampler = make_sampler("ddpm", schedule)
+    # at all 1000 steps the noise variance is the DDPM posterior's, beta~_t
+    t, t_prev = 500, 499
+    x_t = torch.zeros(20_000)
+    g = torch.Generator().manual_seed(2)
+    eps = torch.zeros_like(x_t)  # model says: no noise in x_t
+    x_prev, _ = sampler.step(eps, t, t_prev, x_t, generator=g)
+    a_t, a_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod[t_prev]
+    beta_tilde = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    assert x_prev.var().item() == pytest.approx(beta_tilde.item(), rel=0.05)
+    # the loop itself is DDIM's with eta 1 (test_ddim_eta_one_is_stochastic_and_still_correct)
+    assert sampler == make_sampler("ddim", schedule, eta=1.0)
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_parameterisation_round_trip(prediction: str) -> None:
     schedule = NoiseSchedule.from_config(DiffusionConfig(prediction_type=prediction))

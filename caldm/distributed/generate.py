@@ -65,7 +65,7 @@ from caldm.data.io import (
 from caldm.data.layout import DatasetLayout
 from caldm.errors import BundleError, CaldmError, ConfigError, DataError
 
-SAMPLERS = ("ddim", "dpm++")
+SAMPLERS = ("ddim", "dpm++", "ddpm")  # caldm.diffusion.samplers.SAMPLERS (no torch import here)
 MANIFEST_DIR = ".manifest"
 
 

@@ -183,6 +183,7 @@ class DiffusionConfig(_Strict):
     beta_start: float = 1e-4
     beta_end: float = 2e-2
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    loss: Literal["mse", "l1"] = "mse"  # distance to the target; l1 is the released code's
 
 
 class SamplingConfig(_Strict):

@@ -131,3 +131,17 @@ def test_diffusion_loss_is_zero_for_exact_model_on_point_mass() -> None:
     assert diffusion_loss(oracle, schedule, x0, generator=g).item() < 1e-8
     zero = diffusion_loss(lambda x, t: torch.zeros_like(x), schedule, x0, generator=g)
     assert zero.item() > 0.8  # the noise itself: E[eps^2] = 1
+
+
+def test_diffusion_loss_l1_is_the_mean_absolute_error() -> None:
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    x0 = torch.full((512, 16), 0.3)
+    t = torch.full((512,), 10)
+    noise = torch.randn(512, 16, generator=torch.Generator().manual_seed(0))
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731  the target itself is the error
+    l1 = diffusion_loss(zero, schedule, x0, t, noise, kind="l1")
+    mse = diffusion_loss(zero, schedule, x0, t, noise)
+    assert l1.item() == pytest.approx(noise.abs().mean().item())
+    assert mse.item() == pytest.approx(noise.square().mean().item())
+    with pytest.raises(ValueError, match="l1"):
+        diffusion_loss(zero, schedule, x0, t, noise, kind="huber")

@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Table 1's rows: nhae_diff3d decodes f_sr(z) with Dec2D (no refiner, no "
         "adaptors); nhae_diff3d_refiner adds the refiner; full adds DecM's adaptors",
     )
-    p.add_argument("--sampler", choices=("ddim", "dpm++"), default=None)
+    p.add_argument("--sampler", choices=("ddim", "dpm++", "ddpm"), default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (both processes)")
-    p.add_argument("--refiner-sampler", choices=("ddim", "dpm++"), default=None)
+    p.add_argument("--refiner-sampler", choices=("ddim", "dpm++", "ddpm"), default=None)
     p.add_argument("--refiner-steps", type=int, default=None, help="refiner steps, if different")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     return parser

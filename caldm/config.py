@@ -183,12 +183,13 @@ class DiffusionConfig(_Strict):
     beta_start: float = 1e-4
     beta_end: float = 2e-2
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    loss: Literal["mse", "l1"] = "mse"  # distance to the target; l1 is the released code's
 
 
 class SamplingConfig(_Strict):
-    sampler: Literal["ddim", "dpm++"] = "ddim"
+    sampler: Literal["ddim", "dpm++", "ddpm"] = "ddim"  # ddpm: ancestral (DDIM with eta 1)
     steps: int = 200
-    refiner_sampler: Literal["ddim", "dpm++"] | None = None  # None: same as sampler
+    refiner_sampler: Literal["ddim", "dpm++", "ddpm"] | None = None  # None: same as sampler
     refiner_steps: int | None = None  # None: same as steps
     eta: float = 0.0
     # chunked: ~3x fewer decoder FLOPs than exact (Eq. 1); benchmarks/sampling_speed.py

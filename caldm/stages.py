@@ -163,7 +163,11 @@ def diff3d_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
     z = batch["z"] * ctx.latent_scale
     guide = _guide(mods, "diff3d", batch, ctx, None)
     loss = diffusion_loss(
-        lambda x, t: mods["diff3d"](x, t, guide), ctx.schedule, z, generator=ctx.generator
+        lambda x, t: mods["diff3d"](x, t, guide),
+        ctx.schedule,
+        z,
+        generator=ctx.generator,
+        kind=ctx.cfg.diffusion.loss,
     )
     return StepOutput({"loss": loss, "mse": loss.detach()})
 
@@ -173,7 +177,11 @@ def refiner_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
     z_hr = batch["z_hr"] * ctx.latent_scale
     guide = _guide(mods, "refiner", batch, ctx, batch["z_sr"] * ctx.latent_scale)
     loss = diffusion_loss(
-        lambda x, t: mods["refiner"](x, t, guide), ctx.schedule, z_hr, generator=ctx.generator
+        lambda x, t: mods["refiner"](x, t, guide),
+        ctx.schedule,
+        z_hr,
+        generator=ctx.generator,
+        kind=ctx.cfg.diffusion.loss,
     )
     return StepOutput({"loss": loss, "mse": loss.detach()})
 

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sampler",
-        choices=("ddim", "dpm++"),
+        choices=("ddim", "dpm++", "ddpm"),
         default=None,
         help="default: the bundle config's sampling.sampler",
     )

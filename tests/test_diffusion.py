@@ -82,6 +82,22 @@ def test_ddim_eta_one_is_stochastic_and_still_correct() -> None:
     assert abs(x0.mean().item() - MU) < 0.03 and abs(x0.std().item() - STD) < 0.03
 
 
+def test_ddpm_is_ancestral_sampling() -> None:
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    sampler = make_sampler("ddpm", schedule)
+    # at all 1000 steps the noise variance is the DDPM posterior's, beta~_t
+    t, t_prev = 500, 499
+    x_t = torch.zeros(20_000)
+    g = torch.Generator().manual_seed(2)
+    eps = torch.zeros_like(x_t)  # model says: no noise in x_t
+    x_prev, _ = sampler.step(eps, t, t_prev, x_t, generator=g)
+    a_t, a_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod[t_prev]
+    beta_tilde = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    assert x_prev.var().item() == pytest.approx(beta_tilde.item(), rel=0.05)
+    # the loop itself is DDIM's with eta 1 (test_ddim_eta_one_is_stochastic_and_still_correct)
+    assert sampler == make_sampler("ddim", schedule, eta=1.0)
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_parameterisation_round_trip(prediction: str) -> None:
     schedule = NoiseSchedule.from_config(DiffusionConfig(prediction_type=prediction))
@@ -115,3 +131,17 @@ def test_diffusion_loss_is_zero_for_exact_model_on_point_mass() -> None:
     assert diffusion_loss(oracle, schedule, x0, generator=g).item() < 1e-8
     zero = diffusion_loss(lambda x, t: torch.zeros_like(x), schedule, x0, generator=g)
     assert zero.item() > 0.8  # the noise itself: E[eps^2] = 1
+
+
+def test_diffusion_loss_l1_is_the_mean_absolute_error() -> None:
+    schedule = NoiseSchedule.from_config(DiffusionConfig())
+    x0 = torch.full((512, 16), 0.3)
+    t = torch.full((512,), 10)
+    noise = torch.randn(512, 16, generator=torch.Generator().manual_seed(0))
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731  the target itself is the error
+    l1 = diffusion_loss(zero, schedule, x0, t, noise, kind="l1")
+    mse = diffusion_loss(zero, schedule, x0, t, noise)
+    assert l1.item() == pytest.approx(noise.abs().mean().item())
+    assert mse.item() == pytest.approx(noise.square().mean().item())
+    with pytest.raises(ValueError, match="l1"):
+        diffusion_loss(zero, schedule, x0, t, noise, kind="huber")

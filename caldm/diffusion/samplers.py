@@ -6,6 +6,9 @@ state that a multistep method needs (DPM-Solver++'s previous x_0) is passed in a
 so one sampler object can serve many volumes at once.
 
 - :class:`DDIM`: Song et al. 2021, any step count, ``eta`` from 0 (deterministic) to 1.
+- ``ddpm``: ancestral sampling (Ho et al. 2020, the released code's 1000 steps) is DDIM with
+  ``eta = 1``: its noise is the DDPM posterior's, sigma_t^2 = (1 - abar_prev) / (1 - abar_t)
+  beta_t at every step, and at any coarser step count the same posterior between visited steps.
 - :class:`DPMSolverPP`: DPM-Solver++(2M), Lu et al. 2022, data prediction, multistep order 2
   with a first-order final step.
 """
@@ -116,12 +119,18 @@ class DPMSolverPP:
 Sampler = DDIM | DPMSolverPP
 
 
+SAMPLERS = ("ddim", "dpm++", "ddpm")
+
+
 def make_sampler(name: str, schedule: NoiseSchedule, eta: float = 0.0) -> Sampler:
+    """``ddim`` (with ``eta``), ``dpm++`` or ``ddpm`` (ancestral: DDIM with eta 1)."""
     if name == "ddim":
         return DDIM(schedule, eta)
+    if name == "ddpm":
+        return DDIM(schedule, 1.0)
     if name in ("dpm++", "dpmpp", "dpm-solver++"):
         return DPMSolverPP(schedule)
-    raise ValueError(f"unknown sampler {name!r}; expected ddim or dpm++")
+    raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
 
 
 def sample_loop(

@@ -66,7 +66,7 @@ from caldm.data.labels import read_label_map, resize_to_image
 from caldm.data.layout import DatasetLayout
 from caldm.errors import BundleError, CaldmError, ConfigError, DataError
 
-SAMPLERS = ("ddim", "dpm++")
+SAMPLERS = ("ddim", "dpm++", "ddpm")  # caldm.diffusion.samplers.SAMPLERS (no torch import here)
 MANIFEST_DIR = ".manifest"
 #: Attempts per sample (sampling, and writing) before it becomes a row of errors.jsonl.
 ATTEMPTS = 3

@@ -8,8 +8,10 @@
   stages), ``cfg.data.slices_per_volume`` items per read.
 - New path: :class:`~caldm.data.corpus.CorpusDataset` on the corpus written from the same
   inputs (local shards, as after the first epoch's cache fill), shuffle buffer on.
-- Both run in this process with one torch thread: items/s per core. A loader with W worker
-  processes delivers about W times that, so with 8 vCPUs (a g5.2xlarge) 8 x per core.
+- Both run in this process with one torch thread, timed in CPU seconds of the process (user +
+  system, so page-cache reads count; the old path's S3 waits would add to it): items/s per
+  core. A loader with W worker processes delivers about W times that, so with 8 vCPUs (a
+  g5.2xlarge) 8 x per core.
 - Card: FLOPs of one training step at the preset (:func:`caldm.bench.memory.stage_step_flops`:
   forward, backward, recomputation, discriminator) on an assumed A10G 24 GB, dense bf16
   tensor peak ``--peak-tflops`` (125) at ``--mfu`` (0.4): items/s = peak x mfu / FLOPs per item.
@@ -43,12 +45,15 @@ CORES = 8  # g5.2xlarge vCPUs
 
 
 def make_inputs(root: Path, cfg, volumes: int) -> tuple[str, str]:
-    """A dataset of uint8 OCT-like volumes and a latent cache of the preset's shapes."""
+    """A dataset of uint8 OCT-like volumes and a latent cache of the preset's shapes (kept
+    when ``root`` holds them already)."""
     rng = np.random.default_rng(0)
     data, latents = str(root / "data"), str(root / "latents")
     d, h, w = SOURCE_SHAPE
     depth = np.linspace(0, 1, h, dtype=np.float32)[None, :, None]
     for i in range(volumes):
+        if (root / "latents" / f"v{i:03d}.safetensors").exists():
+            continue
         layers = 90 + 60 * np.sin(depth * 40 + i)  # bands along the A-scan
         speckle = rng.gamma(2.0, 20.0, size=(d, h, w)).astype(np.float32)
         vol = np.clip(layers * (depth < 0.6) + speckle, 0, 255).astype(np.uint8)
@@ -67,13 +72,15 @@ def make_inputs(root: Path, cfg, volumes: int) -> tuple[str, str]:
 
 
 def items_per_s(dataset, n: int, warmup: int = 1) -> float:
+    """Items per CPU-second of this process (user + system): items/s of one dedicated core,
+    and unaffected by other work on a shared machine (wall time is not)."""
     it = iter(dataset)
     for _ in range(warmup):
         next(it)
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(n):
         next(it)
-    return n / (time.perf_counter() - start)
+    return n / (time.process_time() - start)
 
 
 def main() -> None:
@@ -84,6 +91,7 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=125.0, help="card's dense bf16 peak")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
     p.add_argument("--json", action="store_true", help="end with the JSON line")
+    p.add_argument("--workdir", help="keep inputs and corpus here (reused when rerun)")
     args = p.parse_args()
     torch.set_num_threads(1)  # per core, as Ray's workers run (one OMP thread)
     cfg = preset(args.preset)
@@ -91,7 +99,7 @@ def main() -> None:
 
     rows = {}
     with tempfile.TemporaryDirectory(prefix="caldm-input-") as tmp:
-        root = Path(tmp)
+        root = Path(args.workdir or tmp)
         data, latents = make_inputs(root, cfg, args.volumes)
         corpus = str(root / "corpus")
         ids = DatasetLayout(data).ids()

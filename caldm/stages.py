@@ -216,10 +216,16 @@ def stage_dataset(
     """The infinite stream of items that feeds ``stage``, sharded by ``(rank, world_size)``.
 
     ``data`` is a dataset root for the autoencoder stages and the latent cache written by
-    ``jobs/encode_latents.py`` for the diffusion stages. Constructing it lists the files (and,
-    with a ``condition``, checks the labels), so missing data fails here, before training.
+    ``jobs/encode_latents.py`` for the diffusion stages, or for any stage a corpus written by
+    ``jobs/prepare_corpus.py`` (the fast path: items stored as they are fed). Constructing it
+    lists the files (and, with a ``condition``, checks the labels), so missing data fails
+    here, before training.
     """
-    from caldm.data import datasets
+    from caldm.data import corpus, datasets
+
+    if corpus.is_corpus(data):
+        corpus.check_condition(data, condition)
+        return corpus.CorpusDataset(data, stage, cfg, rank=rank, world_size=world_size, seed=seed)
 
     kind = STAGES[stage].dataset
     if kind == "latents":

@@ -37,8 +37,10 @@ def run_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
 
-def stage_peak_bytes(stage: str, cfg: Config, condition: str | None = None) -> dict[str, int]:
-    """Peak bytes of one training step of ``stage`` on one worker, with its parts."""
+def stage_step_setup(stage: str, cfg: Config, condition: str | None = None) -> dict[str, Any]:
+    """What one training step of ``stage`` runs, on the meta device: ``mods`` (in the run
+    dtype, trainables requiring grad, checkpointing as configured), ``ctx``, ``batch``,
+    ``trained`` and ``dtype``. Shared by the memory and FLOP accounting."""
     spec = STAGES[stage]
     dtype = run_dtype(cfg)
     trained = spec.trainable(condition)
@@ -54,15 +56,6 @@ def stage_peak_bytes(stage: str, cfg: Config, condition: str | None = None) -> d
         module.requires_grad_(name in trained or name == "disc")
         if cfg.train.activation_checkpointing and hasattr(module, "checkpoint_activations"):
             module.checkpoint_activations()
-    n_train = sum(
-        p.numel() for n, m in mods.items() if n in trained or n == "disc" for p in m.parameters()
-    )
-    weights = module_bytes(*mods.values())
-    optimizer = n_train * (16 if dtype == torch.bfloat16 else 8)
-    buckets = min(REDUCE_BUCKET, n_train) * dtype.itemsize  # grads gathered for reduction
-    ema = 4 * sum(p.numel() for n in trained for p in mods[n].parameters()) if spec.diffusion else 0
-    static = weights + optimizer + buckets + ema
-
     ctx = StepContext(
         cfg,
         step=cfg.model.loss.adv_start_step,  # the discriminator is active: the worst case
@@ -71,12 +64,34 @@ def stage_peak_bytes(stage: str, cfg: Config, condition: str | None = None) -> d
         condition=condition,
     )
     batch = example_batch(stage, cfg, device="meta", dtype=dtype, condition=condition)
+    return {"mods": mods, "ctx": ctx, "batch": batch, "trained": trained, "dtype": dtype}
+
+
+def run_step(stage: str, setup: dict[str, Any]) -> None:
+    """Forward and backward of one step (and the discriminator's, in GAN stages)."""
+    spec = STAGES[stage]
+    out = spec.step(setup["mods"], setup["batch"], setup["ctx"])
+    out.losses["loss"].backward()
+    if spec.gan:
+        del out.losses
+        discriminator_loss(setup["mods"]["disc"], out).backward()
+
+
+def stage_peak_bytes(stage: str, cfg: Config, condition: str | None = None) -> dict[str, int]:
+    """Peak bytes of one training step of ``stage`` on one worker, with its parts."""
+    spec = STAGES[stage]
+    setup = stage_step_setup(stage, cfg, condition)
+    mods, trained, dtype = setup["mods"], setup["trained"], setup["dtype"]
+    n_train = sum(
+        p.numel() for n, m in mods.items() if n in trained or n == "disc" for p in m.parameters()
+    )
+    weights = module_bytes(*mods.values())
+    optimizer = n_train * (16 if dtype == torch.bfloat16 else 8)
+    buckets = min(REDUCE_BUCKET, n_train) * dtype.itemsize  # grads gathered for reduction
+    ema = 4 * sum(p.numel() for n in trained for p in mods[n].parameters()) if spec.diffusion else 0
+    static = weights + optimizer + buckets + ema
     with PeakMemory(static) as pm:
-        out = spec.step(mods, batch, ctx)
-        out.losses["loss"].backward()
-        if spec.gan:
-            del out.losses
-            discriminator_loss(mods["disc"], out).backward()
+        run_step(stage, setup)
     return {
         "peak": pm.peak,
         "weights": weights,
@@ -85,6 +100,17 @@ def stage_peak_bytes(stage: str, cfg: Config, condition: str | None = None) -> d
         "ema": ema,
         "activations": pm.peak - static,
     }
+
+
+def stage_step_flops(stage: str, cfg: Config, condition: str | None = None) -> int:
+    """FLOPs of one training step of ``stage`` (``cfg.train.micro_batch`` items, forward,
+    backward, checkpointing's recomputation and the discriminator), counted on meta."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    setup = stage_step_setup(stage, cfg, condition)
+    with FlopCounterMode(display=False) as counter:
+        run_step(stage, setup)
+    return int(counter.get_total_flops())
 
 
 def sampling_peak_bytes(cfg: Config, condition: str | None = None) -> int:

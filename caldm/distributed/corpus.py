@@ -1,0 +1,126 @@
+"""Write the sharded training corpus (:mod:`caldm.data.corpus`) as a Ray Data job.
+
+One task per volume reads it once (normalise, resize) and writes a shard for every image
+stage asked for; with a latent cache, the same task converts the volume's cached latents into
+the diffusion stages' bf16 rows. Shards that exist are skipped, so a killed job resumes.
+Tasks take ``cpus_per_task`` CPUs and run at most ``workers`` at once (the caller's choice,
+never read from the cluster at start).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any
+
+import numpy as np
+
+from caldm.config import Config
+from caldm.data import corpus as C
+from caldm.errors import ConfigError
+
+log = logging.getLogger("caldm.corpus")
+
+DEFAULT_DRAWS = {"nhae": 8, "adaptor": 64}  # random items per volume of the sampled stages
+
+
+def volume_shards(
+    sample_id: str,
+    data: str,
+    out: str,
+    stages: tuple[str, ...],
+    cfg: Config,
+    latents: str | None,
+    draws: dict[str, int],
+    seed: int,
+) -> dict[str, int]:
+    """Write the missing shards of one volume; returns rows per stage written (0: existed)."""
+    from caldm.data.io import read_bytes, read_volume, url_exists
+    from caldm.data.layout import DatasetLayout
+    from caldm.data.preprocess import resize, to_unit_range
+
+    todo = [s for s in stages if not url_exists(C.shard_url(out, s, sample_id))]
+    written = dict.fromkeys(stages, 0)
+    # the volume's own stream: the same draws whatever the order the tasks run in
+    rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode())])
+    images = [s for s in todo if s in C.IMAGE_STAGES]
+    if images:
+        volume, _ = read_volume(DatasetLayout(data).image_url(sample_id))
+        volume = resize(to_unit_range(volume), cfg.model.image_shape, order="linear")
+        for stage in images:
+            rows = C.image_rows(stage, volume, cfg, draws.get(stage, 0), rng)
+            written[stage] = C.write_shard(C.shard_url(out, stage, sample_id), sample_id, rows)
+    lat = [s for s in todo if s in C.LATENT_STAGES]
+    if lat:
+        from safetensors.numpy import load
+
+        from caldm.data.datasets import latent_url
+
+        tensors = load(read_bytes(latent_url(latents, sample_id)))
+        for stage in lat:
+            rows = C.latent_rows(stage, tensors)
+            written[stage] = C.write_shard(C.shard_url(out, stage, sample_id), sample_id, rows)
+    return written
+
+
+def prepare_corpus(
+    data: str,
+    out: str,
+    cfg: Config,
+    stages: tuple[str, ...] = C.IMAGE_STAGES,
+    latents: str | None = None,
+    draws: dict[str, int] | None = None,
+    ids: list[str] | None = None,
+    workers: int = 1,
+    cpus_per_task: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write (or complete) the corpus of ``stages`` under ``out``; returns ``corpus.json``."""
+    from caldm.data.io import read_bytes, write_bytes
+    from caldm.data.layout import DatasetLayout
+    from caldm.distributed.cluster import ensure_ray
+    from caldm.distributed.train import absolute
+
+    unknown = [s for s in stages if s not in (*C.IMAGE_STAGES, *C.LATENT_STAGES)]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage {unknown[0]!r}")
+    if any(s in C.LATENT_STAGES for s in stages) and not latents:
+        raise ConfigError("--stages diff3d/refiner need --latents (jobs/encode_latents.py)")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    draws = {**DEFAULT_DRAWS, **(draws or {})}
+    data, out = absolute(data), absolute(out)
+    latents = absolute(latents) if latents else None
+    all_ids = DatasetLayout(data).ids()
+    if ids is not None:
+        missing = sorted(set(ids) - set(all_ids))
+        if missing:
+            raise ConfigError(f"--ids: {missing[0]} is not a volume of {data}")
+    ids = sorted(ids if ids is not None else all_ids)
+    C.check_shapes(out, cfg, stages)  # before any work
+    ray = ensure_ray()
+    ray.data.DataContext.get_current().print_on_execution_start = False
+
+    def shards(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [
+            volume_shards(str(i), data, out, stages, cfg, latents, draws, seed)
+            for i in batch["id"]
+        ]
+        return {
+            "id": batch["id"],
+            **{s: np.asarray([r[s] for r in rows]) for s in stages},
+        }
+
+    results = (
+        ray.data.from_items([{"id": i} for i in ids], override_num_blocks=max(1, len(ids)))
+        .map_batches(shards, batch_size=1, num_cpus=cpus_per_task, concurrency=workers)
+        .take_all()
+    )
+    written = {s: sum(int(r[s]) for r in results) for s in stages}
+    if latents:  # the diffusion stages scale latents by the cache's statistics
+        write_bytes(f"{out}/stats.json", read_bytes(f"{latents}/stats.json"))
+    manifest = C.update_manifest(
+        out, cfg, stages, ids, draws, data=data, latents=latents, seed=seed
+    )
+    log.warning("corpus %s: %s rows written (%d volumes)", out, written, len(ids))
+    return {"written": written, **manifest}

@@ -78,7 +78,14 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
     """
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s raylet start wait
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as exc:
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

@@ -252,7 +252,6 @@ def test_conditioned_refiner_killed_after_checkpoint_resumes(
         "--stage", "refiner", "--preset", "tiny", "--max-steps", "4", "--data", latents,
         "--out", out, "--bundle", diff3d_run / "bundle", "--condition", "layers",
         "--set", "train.max_failures=0", "--set", "train.checkpoint_every=2",
-        "--zero-stage", "3",  # the EMA kept per rank on its partition, saved and restored
     ]  # fmt: skip
     monkeypatch.setenv("CALDM_FAIL_AFTER_STEP", "2")
     assert train_stage(*args) == 1  # the worker "dies" right after checkpointing step 2
@@ -262,20 +261,14 @@ def test_conditioned_refiner_killed_after_checkpoint_resumes(
     capsys.readouterr()
     for extra, named in (
         (["--workers", "2"], "--workers 1 -> 2"),
-        (["--zero-stage", "2"], "--zero-stage 3 -> 2"),
+        (["--zero-stage", "3"], "--zero-stage 2 -> 3"),
         (["--set", "train.lr=0.5"], "train.lr"),
     ):
         assert train_stage(*args, *extra) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and named in err, err
     run = json.loads((out / "run.json").read_text())
-    assert (run["world_size"], run["zero_stage"]) == (1, 3) and len(run["config_hash"]) == 64
-    import torch
-
-    states = glob.glob(str(out / "refiner" / "checkpoint_*" / "model" / "state" / "*states.pt"))
-    model_states = [s for s in states if s.endswith("model_states.pt")]
-    saved = torch.load(model_states[0], map_location="cpu", weights_only=False)
-    assert "ema" not in saved and len(saved["ema_shards"]) > 0  # a partition, no full copy
+    assert (run["world_size"], run["zero_stage"]) == (1, 2) and len(run["config_hash"]) == 64
     assert train_stage(*args, "--max-steps", "4") == 0  # the schedule may change; it does not
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["resumed_from_step"], summary["global_step"]) == (2, 4)

@@ -293,8 +293,12 @@ def test_evaluate_job_end_to_end(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     real, synthetic = tmp_path / "real", tmp_path / "synthetic"
     for i in range(2):
-        write_volume(f"{real}/images/r{i}.nii.gz", make_phantom(SHAPE, i)[0])
+        image, layers, _ = make_phantom(SHAPE, i)
+        write_volume(f"{real}/images/r{i}.nii.gz", image)
+        write_volume(f"{real}/labels/layers/r{i}.nii.gz", layers)
         write_volume(f"{synthetic}/images/s{i}.nii.gz", _noise((24, 48, 40), i))  # other shape
+        # noise "guided" by a label of its own shape: label fidelity runs on other shapes too
+        write_volume(f"{synthetic}/labels/layers/s{i}.nii.gz", layers[:24, :48, :40])
     out = tmp_path / "eval" / "report.json"
     argv = [
         "--real",
@@ -309,6 +313,10 @@ def test_evaluate_job_end_to_end(
         "4",
         "--num-gpus",
         "0",
+        "--train-real",  # label fidelity with a (barely) trained segmenter
+        str(real),
+        "--segmenter-steps",
+        "2",
     ]
     assert _evaluate_main()(argv) == 0
 
@@ -322,7 +330,12 @@ def test_evaluate_job_end_to_end(
         "n_real",
         "n_synthetic",
         "slices",
+        "label_fidelity",
     }
+    fidelity = report["label_fidelity"]
+    assert fidelity["task"] == "layers" and fidelity["num_classes"] == 9
+    assert fidelity["real"]["n"] == fidelity["synthetic"]["n"] == 2
+    assert set(fidelity["ratio"]) == {"dice", "mad"}
     assert set(report["tv"]) == {"real", "synthetic"}
     assert all(set(v) == {"mean", "std"} for v in report["tv"].values())
     assert report["n_real"] == report["n_synthetic"] == 2
@@ -354,7 +367,12 @@ def test_evaluate_job_end_to_end(
         consistency["profile_hf_d"]["ratio"]
     )
     artifacts = client.list_artifacts(run.info.run_id)
-    assert [a.path for a in artifacts] == ["preview.png"]
+    assert [a.path for a in artifacts] == ["label_overlay.png", "preview.png"]
+    assert run.data.metrics["label_fidelity.synthetic.dice.mean"] == pytest.approx(
+        fidelity["synthetic"]["dice"]["mean"]
+    )
+    with Image.open(out.parent / "label_overlay.png") as png:
+        assert png.size[1] > 4 * 100  # 2 real + 2 synthetic rows
 
 
 def test_start_run_leaves_no_tracking_uri_behind(

@@ -139,10 +139,11 @@ class CALDMPipeline:
     ) -> CALDMPipeline:
         """Load the modules ``ablation`` samples with from the bundle at ``url`` (local path or
         ``s3://``); a bundle that lacks some is named in one line with the ablations it allows."""
-        from caldm.bundle import bundle_modules, load_bundle, read_meta
+        from caldm.bundle import bundle_modules, load_bundle, read_bundle_config, read_meta
 
         if ablation not in ABLATIONS:
             raise CaldmError(f"ablation {ablation!r}: expected one of {', '.join(ABLATIONS)}")
+        cfg = read_bundle_config(url)  # "not a model bundle" before anything else
         meta = read_meta(url)
         names = ABLATIONS[ablation]
         have = set(bundle_modules(url))
@@ -157,7 +158,7 @@ class CALDMPipeline:
             f"cond_{n}" for n in meta.get("conditioned", []) if n in ("diff3d", "refiner")
         ]
         conds = [c for c in conds if c.removeprefix("cond_") in names]
-        bundle = load_bundle(url, [*names, *conds], device="cpu")
+        bundle = load_bundle(url, [*names, *conds], device="cpu", cfg=cfg)
         return cls(
             bundle.cfg,
             bundle.modules,

@@ -209,8 +209,12 @@ def check_resume(previous: dict[str, Any], record: dict[str, Any], out: str) -> 
         changes.append(f"--zero-stage {previous['zero_stage']} -> {record['zero_stage']}")
     if previous.get("config_hash") != record["config_hash"]:
         old, new = previous.get("config", {}), record["config"]
-        keys = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
-        changes += [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys] or ["the config"]
+        keys = sorted(  # --zero-stage is named above
+            k for k in {*old, *new} if old.get(k) != new.get(k) and k != "train.zero_stage"
+        )
+        changes += [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+        if not changes:  # a run.json of before the config was recorded
+            changes.append("the config")
     if changes:
         raise ConfigError(
             f"{join(out, 'run.json')}: its checkpoints were made with other settings "

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         ids, exclude = parse_ids(args.ids), parse_ids(args.exclude)
-        fields = {k: v for k, v in vars(args).items() if k not in ("ids", "exclude")}
+        fields = {k: v for k, v in vars(args).items() if k not in ("ids", "exclude", "overrides")}
         request = TrainRequest(
             **fields,
             overrides=tuple(args.overrides),

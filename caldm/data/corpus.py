@@ -9,7 +9,7 @@ once (``jobs/prepare_corpus.py``, a Ray Data job) and stores each stage's items 
 |---|---|---|
 | ae2d | ``image`` uint8 (H, W) | every slice |
 | nhae | ``thumbnail`` u8 (Dt, Ht, Wt), ``slices`` u8 (S, H, W), ``index`` int64 (S,) | draws |
-| adaptor | ``window`` uint8 (k, H, W) | draws |
+| adaptor | ``window`` uint8 (n, H, W): ``Config.adaptor_window`` slices | draws |
 | diff3d | ``z`` bf16 (c, D', H', W') | 1 |
 | refiner | ``z_sr``, ``z_hr`` bf16 (c, H', W') of one slice | every slice |
 
@@ -95,7 +95,7 @@ def columns(stage: str, cfg: Config) -> dict[str, dict[str, Any]]:
             "slices": ("uint8", (s, h, w)),
             "index": ("int64", (s,)),
         },
-        "adaptor": {"window": ("uint8", (m.k, h, w))},
+        "adaptor": {"window": ("uint8", (cfg.adaptor_window()[0], h, w))},
         "diff3d": {"z": ("bfloat16", tuple(m.latent_shape))},
         "refiner": {
             "z_sr": ("bfloat16", (c, *m.z_sr_shape[2:])),
@@ -126,8 +126,8 @@ def image_rows(
             rows["index"].append(index.astype(np.int64).tobytes())
         return rows
     if stage == "adaptor":
-        k = cfg.model.k
-        offsets = np.arange(k) - k // 2
+        n, _ = cfg.adaptor_window()  # a decode chunk and its halo, as SliceWindowDataset
+        offsets = np.arange(n) - n // 2
         centres = rng.choice(depth, size=draws, replace=draws > depth)
         return {
             "window": [

@@ -1,7 +1,7 @@
 """The ``caldm`` command: local tools around the library (no Ray cluster needed).
 
 Each subcommand imports its implementation lazily so that ``--help`` is instant.
-A :class:`~caldm.errors.CaldmError` becomes one line on stderr and exit status 2.
+A :class:`~caldm.errors.CaldmError` becomes one line on stderr and its exit status (see job_main).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from caldm.config import PRESETS
-from caldm.errors import CaldmError
+from caldm.errors import job_main
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -150,11 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.fn(args) or 0)
-    except CaldmError as exc:
-        print(f"caldm: error: {exc}", file=sys.stderr)
-        return 2
+    return job_main("caldm", lambda: args.fn(args))
 
 
 if __name__ == "__main__":

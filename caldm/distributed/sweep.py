@@ -67,6 +67,8 @@ NEEDS = {"adaptor": ("enc2d", "dec2d"), "refiner": ()}
 class SweepFailed(CaldmError):
     """No trial of a sweep finished with a validation metric."""
 
+    exit_code = 1
+
 
 # ------------------------------------------------------------------------ search spaces
 

@@ -91,6 +91,8 @@ Evaluate = Callable[["StageTrainer"], dict[str, float]]
 class TrainingFailed(CaldmError):
     """Training stopped with an error after its retries (``train.max_failures``)."""
 
+    exit_code = 1
+
 
 @dataclass(frozen=True)
 class TrainRequest:

@@ -520,8 +520,8 @@ def run_downstream(req: DownstreamRequest, log: Callable[[str], None] = print) -
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from caldm.distributed.cluster import ensure_ray
-    from caldm.distributed.train import _forwarded_env, _root_cause, _storage
+    from caldm.distributed.cluster import ensure_ray, worker_env
+    from caldm.distributed.train import _root_cause, _storage
 
     p = plan(req, log)
     ray = ensure_ray()
@@ -540,7 +540,7 @@ def run_downstream(req: DownstreamRequest, log: Callable[[str], None] = print) -
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=1),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
-            worker_runtime_env={"env_vars": _forwarded_env()},
+            worker_runtime_env={"env_vars": worker_env()},
             callbacks=list(req.callbacks) or None,
         ),
     )

@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from caldm.distributed.sweep import SweepRequest, sweep
+    from caldm.distributed.tune import SweepRequest, sweep
 
     request = SweepRequest(**{**vars(args), "overrides": tuple(args.overrides)})
     result = sweep(request)

@@ -73,6 +73,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from caldm.bench.memory import run_dtype, stage_peak_bytes  # noqa: E402
 from caldm.bench.meta import PeakMemory, module_bytes  # noqa: E402
+from caldm.bench.sampling import sampling_memory  # noqa: E402
 from caldm.bundle import init_bundle  # noqa: E402
 from caldm.config import STAGES as STAGE_NAMES  # noqa: E402
 from caldm.config import Config, preset  # noqa: E402
@@ -86,7 +87,6 @@ from caldm.pipeline import (  # noqa: E402
     SAMPLING_MODULES,
     SLICE_MODULES,
     CALDMPipeline,
-    sampling_memory,
 )
 from caldm.stages import STAGES, StepContext, discriminator_loss, example_batch  # noqa: E402
 from caldm.streaming import SliceDecoder  # noqa: E402

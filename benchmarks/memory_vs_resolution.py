@@ -5,7 +5,7 @@ denoising step and the decoding, in bf16, and nothing is allocated. At each reso
 (128, 256, 512) the models share the latent size of CA-LDM's Diff3D, (4, R/8, R/8, R/8), and
 the paper preset's widths:
 
-- ``ca-ldm``: the streaming pipeline itself (:func:`caldm.pipeline.account_sampling`) on the
+- ``ca-ldm``: the streaming pipeline itself (:func:`caldm.bench.sampling.account_sampling`) on the
   paper preset with image_shape R^3 and thumbnail (R/2)^3.
 - ``holistic-3d-ldm``: Diff3D on (4, R/8, R/8, R/8) plus a 3D KL autoencoder's decoder (MONAI
   AutoencoderKL in 3D, Dec2D's widths, no attention) decoding the whole R^3 volume at once.
@@ -29,10 +29,10 @@ import torch
 from monai.networks.nets import AutoencoderKL
 
 from caldm.bench.meta import PeakMemory, module_bytes
+from caldm.bench.sampling import account_sampling
 from caldm.config import Config, preset_dict
 from caldm.nn.factory import build
 from caldm.nn.nets.diffusion_unet import DiffusionUNet
-from caldm.pipeline import account_sampling
 
 RESOLUTIONS = (128, 256, 512)
 DTYPE = torch.bfloat16

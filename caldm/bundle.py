@@ -53,6 +53,8 @@ def bundle_modules(url: str) -> list[str]:
     if "modules" in meta:
         return list(meta["modules"])
     fs, path = fsspec.core.url_to_fs(url)
+    if not fs.isdir(path):
+        raise BundleError(f"{url}: not a model bundle (no config.yaml)")
     return sorted(
         p.rsplit("/", 1)[-1].removesuffix(".safetensors")
         for p in fs.ls(path, detail=False)

@@ -1,7 +1,7 @@
 """The ``caldm`` command: local tools around the library (no Ray cluster needed).
 
 Each subcommand imports its implementation lazily so that ``--help`` is instant.
-A :class:`~caldm.errors.CaldmError` becomes one line on stderr and exit status 2.
+A :class:`~caldm.errors.CaldmError` becomes one line on stderr and its exit status (see job_main).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from caldm.config import PRESETS
-from caldm.errors import CaldmError
+from caldm.errors import CaldmError, job_main
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -68,9 +68,57 @@ def _cmd_import_octa500(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from caldm.pipeline import sample_command
+    """``caldm sample``: one volume from a bundle into a NIfTI file, with a progress bar."""
+    import time
 
-    return sample_command(args)
+    import torch
+
+    from caldm.data.io import nifti_stem, read_label
+    from caldm.data.phantom import phantom_affine
+    from caldm.pipeline import CALDMPipeline
+    from caldm.streaming import NiftiSink
+
+    if nifti_stem(args.out.rstrip("/").rsplit("/", 1)[-1]) is None:
+        raise CaldmError(f"{args.out}: expected a .nii or .nii.gz output file name")
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError:
+        raise CaldmError(f"--device {args.device!r}: not a torch device") from None
+    pipe = CALDMPipeline.from_bundle(args.bundle, device=device, ablation=args.ablation)
+    cfg = pipe.cfg
+    limit = cfg.diffusion.num_train_timesteps
+    for flag, value in (("--steps", args.steps), ("--refiner-steps", args.refiner_steps)):
+        if value is not None and not 1 <= value <= limit:
+            raise CaldmError(f"{flag} {value}: must be in 1..{limit}")
+    labels = None
+    if args.labels:
+        if pipe.condition is None:
+            raise CaldmError(
+                f"{args.labels}: bundle {args.bundle} is not label-guided "
+                "(it has no condition encoders); drop --labels or use a conditioned bundle"
+            )
+        labels = pipe.prepare_labels(read_label(args.labels, pipe.condition), args.labels)
+    shape = cfg.model.image_shape
+    sink = NiftiSink(args.out, shape, phantom_affine(shape))
+    began = time.perf_counter()
+    pipe.sample(
+        args.seed,
+        labels,
+        sampler=args.sampler,
+        steps=args.steps,
+        refiner_sampler=args.refiner_sampler or args.sampler,
+        refiner_steps=args.refiner_steps or args.steps,
+        decode=args.decode,
+        sink=sink,
+        progress=True,
+    )
+    sink.close()
+    seconds = time.perf_counter() - began
+    print(
+        f"wrote {args.out}: {'x'.join(map(str, shape))} uint8, seed {args.seed}, "
+        f"{pipe.device.type}, {seconds:.1f} s"
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,11 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.fn(args) or 0)
-    except CaldmError as exc:
-        print(f"caldm: error: {exc}", file=sys.stderr)
-        return 2
+    return job_main("caldm", lambda: args.fn(args))
 
 
 if __name__ == "__main__":

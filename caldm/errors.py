@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class CaldmError(Exception):
-    """Base of every user-facing error; its message is one line that names the file or key."""
+    """Base of every user-facing error; its message is one line that names the file or key.
+
+    ``exit_code`` is the status a command exits with: 2 for bad input (the default), 1 for a run
+    that failed after its retries (:class:`TrainingFailed` and friends override it).
+    """
+
+    exit_code: int = 2
 
 
 class ConfigError(CaldmError, ValueError):
@@ -25,3 +34,13 @@ class DataError(CaldmError):
 
 class BundleError(CaldmError):
     """A model bundle or checkpoint that lacks a module, or belongs to another stage or preset."""
+
+
+def job_main(prog: str, run: Callable[[], int | None]) -> int:
+    """Run one command's body; a :class:`CaldmError` becomes ``<prog>: error: <message>`` on
+    stderr and its class's ``exit_code``. ``run`` returns the exit status (``None`` means 0)."""
+    try:
+        return int(run() or 0)
+    except CaldmError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -23,12 +23,12 @@ grids (:func:`caldm.data.labels.prepare_labels`), as training labels are. Withou
 conditioned bundle samples unconditionally (zero condition features, the case condition
 dropout trained). ``guidance_scale > 1`` adds classifier-free guidance.
 
-:func:`account_sampling` runs this same code on the meta device to count peak memory.
+:func:`caldm.bench.sampling.account_sampling` runs this same code on the meta device to count
+peak memory.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
@@ -45,7 +45,8 @@ from caldm.diffusion.samplers import make_sampler, sample_loop
 from caldm.diffusion.schedule import NoiseSchedule
 from caldm.errors import BundleError, CaldmError
 from caldm.nn.nets.dec_m import DecM
-from caldm.streaming import ArraySink, DecodeMode, NiftiSink, Sink, SliceDecoder
+from caldm.stages import guide_input
+from caldm.streaming import ArraySink, DecodeMode, Sink, SliceDecoder
 
 SAMPLING_MODULES = ("diff3d", "f_sr", "refiner", "dec2d", "adaptors")
 Ablation = Literal["full", "nhae_diff3d_refiner", "nhae_diff3d"]
@@ -371,16 +372,14 @@ class CALDMPipeline:
         """
         model = self.modules[name]
         sampler = make_sampler(sampler_name, self.schedule, self.cfg.sampling.eta)
-        parts = [] if extra is None else [extra]
-        guide = torch.cat(parts, 1) if parts else None
-        unguided = None
+        guide, unguided = guide_input(extra, None), None
         scale = self.cfg.sampling.guidance_scale
         if f"cond_{name}" in self.modules:
             width = self.cfg.model.condition.channels
             zero = x.new_zeros(x.shape[0], width, *x.shape[2:])
-            guide = torch.cat([*parts, zero if cond is None else cond.float()], 1)
+            guide = guide_input(extra, zero if cond is None else cond.float())
             if cond is not None and scale != 1.0:
-                unguided = torch.cat([*parts, zero], 1)
+                unguided = guide_input(extra, zero)
 
         def predict(x_t: torch.Tensor, t_batch: torch.Tensor) -> torch.Tensor:
             out = model(x_t.to(self.dtype), t_batch, guide).float()
@@ -393,132 +392,3 @@ class CALDMPipeline:
             return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
 
         return sample_loop(predict, sampler, x, steps, noise=fresh_noise, on_step=on_step)
-
-
-# ---------------------------------------------------------------------- memory accounting
-
-
-def sampling_memory(
-    cfg: Config,
-    decode: DecodeMode | None = None,
-    condition: str | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    offload: bool = True,
-) -> dict[str, int]:
-    """Peak bytes of sampling one volume, counted by running the pipeline on the meta device.
-
-    The modules are built on meta in ``dtype`` (bf16, as sampling runs on a GPU); each
-    diffusion process takes one denoising step (every step has the same footprint). With
-    ``offload`` (the GPU default) a stage's baseline holds only its own modules' weights.
-    Returns ``weights`` (all modules); ``latent``, the peak of the latent stages (Diff3D,
-    f_sr); ``z_sr``, the latent they hand on; ``slices``, the peak of refining and decoding
-    above its weights and z_sr, the part that streams and must not grow with D; ``peak``.
-    """
-    from caldm.bench.meta import PeakMemory, module_bytes, tensor_bytes
-    from caldm.nn.factory import build
-
-    names = list(SAMPLING_MODULES)
-    if condition:
-        names += ["cond_diff3d", "cond_refiner"]
-    with torch.device("meta"):
-        modules = {n: build(n, cfg, condition=condition) for n in names}
-    pipe = CALDMPipeline(cfg, modules, condition=condition, device="meta", dtype=dtype)
-    weights = module_bytes(*pipe.modules.values())
-
-    def resident(names: tuple[str, ...]) -> int:
-        if not offload:
-            return weights
-        return module_bytes(*(pipe.modules[n] for n in names if n in pipe.modules))
-
-    labels = None
-    if condition:  # what prepare_labels hands over, without reducing a full-size label on meta
-        from caldm.data.labels import encoder_grid, num_label_classes
-
-        classes = num_label_classes(condition, cfg.model.condition.layer_classes)
-        rows = encoder_grid(cfg, condition, "refiner")
-        labels = PreparedLabels(
-            np.zeros((classes, *encoder_grid(cfg, condition, "diff3d")), np.float32),
-            np.zeros((rows[0], classes, *rows[1:]), np.float32),
-        )
-    s = cfg.sampling
-    with torch.inference_mode():
-        with PeakMemory(resident(LATENT_MODULES)) as latent:
-            z_sr = pipe.sample_latents(0, labels, s.sampler, 1)
-        z_bytes = tensor_bytes([z_sr])
-        base = resident(SLICE_MODULES) + z_bytes
-        with PeakMemory(base) as slices:
-            pipe.refine_and_decode(
-                z_sr,
-                0,
-                labels,
-                s.refiner_sampler or s.sampler,
-                1,
-                decode,
-                lambda _, decoded: decoded[:, 0].float(),  # the host hand-over's staging copy
-            )
-    streaming = slices.peak - base
-    return {
-        "weights": weights,
-        "latent": latent.peak,
-        "z_sr": z_bytes,
-        "slices": streaming,
-        "peak": max(latent.peak, slices.peak),
-    }
-
-
-def account_sampling(cfg: Config, decode: DecodeMode | None = None) -> int:
-    """Peak bytes of sampling one volume of ``cfg`` on a GPU (see :func:`sampling_memory`)."""
-    return sampling_memory(cfg, decode)["peak"]
-
-
-# ---------------------------------------------------------------------- the command
-
-
-def sample_command(args: argparse.Namespace) -> int:
-    """``caldm sample``: one volume from a bundle into a NIfTI file, with a progress bar."""
-    import time
-
-    from caldm.data.io import nifti_stem, read_label
-    from caldm.data.phantom import phantom_affine
-
-    if nifti_stem(args.out.rstrip("/").rsplit("/", 1)[-1]) is None:
-        raise CaldmError(f"{args.out}: expected a .nii or .nii.gz output file name")
-    try:
-        device = torch.device(args.device) if args.device else None
-    except RuntimeError:
-        raise CaldmError(f"--device {args.device!r}: not a torch device") from None
-    pipe = CALDMPipeline.from_bundle(args.bundle, device=device, ablation=args.ablation)
-    cfg = pipe.cfg
-    limit = cfg.diffusion.num_train_timesteps
-    for flag, value in (("--steps", args.steps), ("--refiner-steps", args.refiner_steps)):
-        if value is not None and not 1 <= value <= limit:
-            raise CaldmError(f"{flag} {value}: must be in 1..{limit}")
-    labels = None
-    if args.labels:
-        if pipe.condition is None:
-            raise CaldmError(
-                f"{args.labels}: bundle {args.bundle} is not label-guided "
-                "(it has no condition encoders); drop --labels or use a conditioned bundle"
-            )
-        labels = pipe.prepare_labels(read_label(args.labels, pipe.condition), args.labels)
-    shape = cfg.model.image_shape
-    sink = NiftiSink(args.out, shape, phantom_affine(shape))
-    began = time.perf_counter()
-    pipe.sample(
-        args.seed,
-        labels,
-        sampler=args.sampler,
-        steps=args.steps,
-        refiner_sampler=args.refiner_sampler or args.sampler,
-        refiner_steps=args.refiner_steps or args.steps,
-        decode=args.decode,
-        sink=sink,
-        progress=True,
-    )
-    sink.close()
-    seconds = time.perf_counter() - began
-    print(
-        f"wrote {args.out}: {'x'.join(map(str, shape))} uint8, seed {args.seed}, "
-        f"{pipe.device.type}, {seconds:.1f} s"
-    )
-    return 0

@@ -141,21 +141,33 @@ def adaptor_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
     return StepOutput(losses, real=x, fake=x_rec, preview={"real": x, "reconstructed": x_rec})
 
 
+def guide_input(extra: torch.Tensor | None, cond: torch.Tensor | None) -> torch.Tensor | None:
+    """The channels concatenated to a diffusion UNet's input, in their one order: ``extra``
+    (z_sr for the refiner) then the condition features; ``None`` when there are neither."""
+    parts = [p for p in (extra, cond) if p is not None]
+    return torch.cat(parts, 1) if parts else None
+
+
 def _guide(
-    mods: Modules, name: str, batch: Batch, ctx: StepContext, extra: torch.Tensor | None
+    mods: Modules,
+    name: str,
+    batch: Batch,
+    ctx: StepContext,
+    extra: torch.Tensor | None,
+    dropout: bool = True,
 ) -> torch.Tensor | None:
     """The channels concatenated to a diffusion UNet's input: ``extra`` then condition
-    features, whose rows are zeroed with probability ``condition.dropout`` (so the model also
-    learns the unconditional case, for classifier-free guidance)."""
-    parts = [] if extra is None else [extra]
+    features, whose rows are zeroed with probability ``condition.dropout`` when ``dropout``
+    (training: so the model also learns the unconditional case, for classifier-free
+    guidance; validation evaluates the conditional model)."""
+    feats = None
     if ctx.condition:
         feats = mods[f"cond_{name}"](batch["label"])
-        p = ctx.cfg.model.condition.dropout
+        p = ctx.cfg.model.condition.dropout if dropout else 0.0
         if p > 0:
             keep = torch.rand(feats.shape[0], device=feats.device, generator=ctx.generator) >= p
             feats = feats * keep.to(feats.dtype).view(-1, *[1] * (feats.dim() - 1))
-        parts.append(feats)
-    return torch.cat(parts, 1) if parts else None
+    return guide_input(extra, feats)
 
 
 def diff3d_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:

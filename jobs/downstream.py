@@ -9,7 +9,7 @@ Writes <out>/report.json ({"task", "rows": [{"train", "n_volumes", "dice"|"iou_a
 "std"}, ...}]}), report.md, report.png, segmenter_real.safetensors (for jobs/evaluate.py
 --segmenter) and MLflow runs; see caldm/distributed/downstream.py. Rerunning resumes. Runs on
 a local Ray, or on the cluster of RAY_ADDRESS / `ray job submit`. Bad input gives one line
-naming the file on stderr and exit status 2.
+naming the file on stderr and exit status 2 (1 when the training run itself failed).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from caldm.errors import CaldmError  # noqa: E402
+from caldm.errors import job_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,26 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from caldm.distributed.downstream import DownstreamRequest, run_downstream
+    return job_main("downstream", lambda: _run(args))
 
-        report = run_downstream(
-            DownstreamRequest(
-                real=args.real,
-                test=args.test,
-                synthetic=tuple(args.synthetic),
-                task=args.task,
-                out=args.out,
-                seeds=args.seeds,
-                max_steps=args.max_steps,
-                batch_size=args.batch_size,
-                workers=args.workers,
-                gpus_per_worker=args.gpus_per_worker,
-            )
+
+def _run(args: argparse.Namespace) -> int:
+    from caldm.distributed.downstream import DownstreamRequest, run_downstream
+
+    report = run_downstream(
+        DownstreamRequest(
+            real=args.real,
+            test=args.test,
+            synthetic=tuple(args.synthetic),
+            task=args.task,
+            out=args.out,
+            seeds=args.seeds,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
         )
-    except CaldmError as exc:
-        print(f"downstream: {exc}", file=sys.stderr)
-        return 2
+    )
     print(json.dumps({"task": report["task"], "rows": report["rows"]}))
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # caldm without installing it
 
-from caldm.errors import CaldmError  # noqa: E402
+from caldm.errors import job_main  # noqa: E402
 
 PROG = "encode_latents"
 
@@ -40,18 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return job_main(PROG, lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from caldm.data.layout import parse_ids
     from caldm.distributed.encode import encode_latents
 
-    try:
-        from caldm.data.layout import parse_ids
-
-        stats = encode_latents(
-            args.bundle, args.data, args.out, args.actors, args.gpus_per_actor,
-            ids=parse_ids(args.ids), exclude=parse_ids(args.exclude),
-        )  # fmt: skip
-    except CaldmError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    stats = encode_latents(
+        args.bundle, args.data, args.out, args.actors, args.gpus_per_actor,
+        ids=parse_ids(args.ids), exclude=parse_ids(args.exclude),
+    )  # fmt: skip
     print(json.dumps(stats))
     return 0
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-from caldm.errors import CaldmError  # noqa: E402
+from caldm.errors import job_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,25 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return job_main("evaluate", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from caldm.distributed.evaluation import evaluate
 
-    try:
-        report = evaluate(
-            args.real,
-            args.synthetic,
-            inception_weights=args.inception_weights,
-            max_slices_per_volume=args.max_slices_per_volume,
-            batch_size=args.batch_size,
-            num_gpus=args.num_gpus,
-            out=args.out,
-            workers=args.workers,
-            segmenter=args.segmenter,
-            train_real=args.train_real,
-            segmenter_steps=args.segmenter_steps,
-        )
-    except CaldmError as exc:
-        print(f"evaluate: {exc}", file=sys.stderr)
-        return 2
+    report = evaluate(
+        args.real,
+        args.synthetic,
+        inception_weights=args.inception_weights,
+        max_slices_per_volume=args.max_slices_per_volume,
+        batch_size=args.batch_size,
+        num_gpus=args.num_gpus,
+        out=args.out,
+        workers=args.workers,
+        segmenter=args.segmenter,
+        train_real=args.train_real,
+        segmenter_steps=args.segmenter_steps,
+    )
     print(json.dumps(report))
     return 0
 

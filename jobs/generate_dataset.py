@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-from caldm.errors import CaldmError  # noqa: E402
+from caldm.errors import job_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,28 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return job_main("generate_dataset", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from caldm.data.layout import parse_ids
     from caldm.distributed.generate import generate_dataset
 
-    try:
-        report = generate_dataset(
-            args.bundle,
-            args.labels,
-            args.out,
-            args.per_label,
-            sampler=args.sampler,
-            steps=args.steps,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            cpus_per_worker=args.cpus_per_worker,
-            progress_every=args.progress_every,
-            ablation=args.ablation,
-            ids=parse_ids(args.ids),
-            exclude=parse_ids(args.exclude),
-        )
-    except CaldmError as exc:
-        print(f"generate_dataset: {exc}", file=sys.stderr)
-        return 2
+    report = generate_dataset(
+        args.bundle,
+        args.labels,
+        args.out,
+        args.per_label,
+        sampler=args.sampler,
+        steps=args.steps,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        progress_every=args.progress_every,
+        ablation=args.ablation,
+        ids=parse_ids(args.ids),
+        exclude=parse_ids(args.exclude),
+    )
     for error in report.errors:
         what = error.get("sample") or error["label"]
         print(f"generate_dataset: {what}: skipped ({error['error']})", file=sys.stderr)

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from caldm.config import PRESETS  # noqa: E402
-from caldm.errors import CaldmError  # noqa: E402
+from caldm.errors import job_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,26 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from caldm.distributed.end_to_end import run_pipeline
+    return job_main("pipeline", lambda: _run(args))
 
-        run_pipeline(
-            args.out,
-            data=args.data,
-            heldout=args.heldout,
-            preset=args.preset,
-            count=args.count,
-            per_label=args.per_label,
-            steps_scale=args.steps_scale,
-            sampling_steps=args.sampling_steps,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            condition=args.condition,
-            layer_classes=args.layer_classes,
-        )
-    except CaldmError as exc:
-        print(f"pipeline: error: {exc}", file=sys.stderr)
-        return 2
+
+def _run(args: argparse.Namespace) -> int:
+    from caldm.distributed.end_to_end import run_pipeline
+
+    run_pipeline(
+        args.out,
+        data=args.data,
+        heldout=args.heldout,
+        preset=args.preset,
+        count=args.count,
+        per_label=args.per_label,
+        steps_scale=args.steps_scale,
+        sampling_steps=args.sampling_steps,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        condition=args.condition,
+        layer_classes=args.layer_classes,
+    )
     print(f"pipeline: report written to {args.out.rstrip('/')}/report.json")
     return 0
 

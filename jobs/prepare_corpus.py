@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # caldm without installing it
 
 from caldm.config import PRESETS  # noqa: E402
-from caldm.errors import CaldmError  # noqa: E402
+from caldm.errors import CaldmError, job_main  # noqa: E402
 
 PROG = "prepare_corpus"
 
@@ -60,38 +60,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return job_main(PROG, lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from caldm.config import load_config
     from caldm.data.layout import DatasetLayout, parse_ids, select_ids
     from caldm.distributed.corpus import prepare_corpus
 
-    try:
-        draws = {}
-        for spec in args.draws:
-            stage, _, n = spec.partition("=")
-            if not n.isdigit():
-                raise CaldmError(f"--draws {spec!r}: expected STAGE=N")
-            draws[stage] = int(n)
-        cfg = load_config(args.preset, None, args.overrides)
-        ids = None
-        if args.ids or args.exclude:
-            listed = DatasetLayout(args.data).ids()
-            what = f"--ids (volumes of {args.data})"
-            ids = select_ids(listed, parse_ids(args.ids), parse_ids(args.exclude), what=what)
-        manifest = prepare_corpus(
-            args.data,
-            args.out,
-            cfg,
-            stages=tuple(s for s in args.stages.split(",") if s),
-            latents=args.latents,
-            draws=draws,
-            ids=ids,
-            workers=args.workers,
-            cpus_per_task=args.cpus_per_task,
-            seed=args.seed,
-        )
-    except CaldmError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    draws = {}
+    for spec in args.draws:
+        stage, _, n = spec.partition("=")
+        if not n.isdigit():
+            raise CaldmError(f"--draws {spec!r}: expected STAGE=N")
+        draws[stage] = int(n)
+    cfg = load_config(args.preset, None, args.overrides)
+    ids = None
+    if args.ids or args.exclude:
+        listed = DatasetLayout(args.data).ids()
+        what = f"--ids (volumes of {args.data})"
+        ids = select_ids(listed, parse_ids(args.ids), parse_ids(args.exclude), what=what)
+    manifest = prepare_corpus(
+        args.data,
+        args.out,
+        cfg,
+        stages=tuple(s for s in args.stages.split(",") if s),
+        latents=args.latents,
+        draws=draws,
+        ids=ids,
+        workers=args.workers,
+        cpus_per_task=args.cpus_per_task,
+        seed=args.seed,
+    )
     print(json.dumps({"written": manifest["written"], "stages": list(manifest["stages"])}))
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # caldm without installing it
 
 from caldm.config import PRESETS, STAGES  # noqa: E402  (light imports only: --help is instant)
-from caldm.errors import CaldmError  # noqa: E402
+from caldm.errors import job_main  # noqa: E402
 
 PROG = "train_stage"
 
@@ -68,22 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from caldm.data.layout import parse_ids
-    from caldm.distributed.train import TrainingFailed, TrainRequest, train
+    return job_main(PROG, lambda: _run(args))
 
-    try:
-        ids, exclude = parse_ids(args.ids), parse_ids(args.exclude)
-        fields = {k: v for k, v in vars(args).items() if k not in ("ids", "exclude", "overrides")}
-        request = TrainRequest(
-            **fields,
-            overrides=tuple(args.overrides),
-            ids=tuple(ids) if ids is not None else None,
-            exclude_ids=tuple(exclude or ()),
-        )
-        summary = train(request)
-    except CaldmError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, TrainingFailed) else 2
+
+def _run(args: argparse.Namespace) -> int:
+    from caldm.data.layout import parse_ids
+    from caldm.distributed.train import TrainRequest, train
+
+    ids, exclude = parse_ids(args.ids), parse_ids(args.exclude)
+    fields = {k: v for k, v in vars(args).items() if k not in ("ids", "exclude", "overrides")}
+    request = TrainRequest(
+        **fields,
+        overrides=tuple(args.overrides),
+        ids=tuple(ids) if ids is not None else None,
+        exclude_ids=tuple(exclude or ()),
+    )
+    summary = train(request)
     print(json.dumps(summary))
     return 0
 

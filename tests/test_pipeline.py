@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from caldm.bench.sampling import account_sampling, sampling_memory
 from caldm.bundle import init_bundle
 from caldm.cli import main
 from caldm.config import preset
@@ -20,7 +21,7 @@ from caldm.data.phantom import LAYER_NAMES, make_phantom, phantom_affine
 from caldm.errors import CaldmError, DataError
 from caldm.nn.factory import build
 from caldm.nn.nets.dec_m import DecM
-from caldm.pipeline import CALDMPipeline, account_sampling, sampling_memory
+from caldm.pipeline import CALDMPipeline
 from caldm.streaming import SliceDecoder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -173,7 +173,7 @@ def test_bad_space_key_fails_before_any_trial(root: Path, tmp_path: Path, capsys
 
 
 def test_bad_space_value_fails_before_any_trial(root: Path, tmp_path: Path) -> None:
-    from caldm.distributed.sweep import load_space
+    from caldm.search_space import load_space
 
     spaces = tmp_path / "spaces.yaml"
     spaces.write_text("adaptor:\n  model.k: {choice: [3, 4]}\n")  # k must be odd

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # caldm without installing it
 
 from caldm.config import PRESETS  # noqa: E402  (light imports only: --help is instant)
-from caldm.errors import CaldmError  # noqa: E402
+from caldm.errors import job_main  # noqa: E402
 
 PROG = "sweep"
 SPACES = Path(__file__).resolve().parent / "spaces.yaml"
@@ -72,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from caldm.distributed.sweep import SweepFailed, SweepRequest, sweep
+    return job_main(PROG, lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from caldm.distributed.tune import SweepRequest, sweep
 
     request = SweepRequest(**{**vars(args), "overrides": tuple(args.overrides)})
-    try:
-        result = sweep(request)
-    except CaldmError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, SweepFailed) else 2
+    result = sweep(request)
     summary = {
         "best_config": result.best_config,
         "trials_csv": result.trials_csv,

@@ -115,7 +115,7 @@ def stage_step_flops(stage: str, cfg: Config, condition: str | None = None) -> i
 
 def sampling_peak_bytes(cfg: Config, condition: str | None = None) -> int:
     """Peak bytes of streaming sampling (one volume), from the pipeline run on meta."""
-    from caldm.pipeline import sampling_memory
+    from caldm.bench.sampling import sampling_memory
 
     return sampling_memory(cfg, condition=condition)["peak"]
 

@@ -68,6 +68,8 @@ HIGHER_IS_BETTER = {"dice": True, "mad": False, "iou_a": True, "iou_v": True}
 class DownstreamFailed(CaldmError):
     """The Ray Train run failed; the message names the root cause."""
 
+    exit_code = 1
+
 
 @dataclass
 class DownstreamRequest:

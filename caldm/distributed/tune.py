@@ -3,13 +3,8 @@
 Each trial is one run of the stage trainer of ``jobs/train_stage.py`` (:func:`train`: a
 TorchTrainer with DeepSpeed engines) started from a Tune function trainable, the Ray 2.60
 pattern; ``TuneReportCallback`` forwards the workers' reports to Tune. At every checkpoint the
-trial's workers evaluate on held-out volumes (the last ``holdout`` ids, never trained on):
-
-- adaptor: slice reconstruction error (L1) of DecM on consecutive held-out slices, plus the
-  inter-slice consistency term: the L1 distance between the slice-axis differences of the
-  reconstruction and of the real slices (the stripe artefacts of decoding slice by slice).
-- refiner: the denoising loss on held-out latent slices at fixed timesteps and fixed noise,
-  as epsilon MSE so that epsilon- and v-prediction trials compare on one scale.
+trial's workers evaluate on held-out volumes (the last ``holdout`` ids, never trained on) with
+the metrics of :mod:`caldm.validation`; the search space is parsed by :mod:`caldm.search_space`.
 
 ASHA stops poor trials; ``concurrency`` trials run at once (the caller's choice, never read
 from the resources present at start: on an autoscaling cluster the pending trials grow it).
@@ -35,11 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from caldm.bundle import load_bundle, read_meta, require
-from caldm.config import Config, load_config, parse_override, read_yaml, valid_keys
+from caldm.config import load_config
 from caldm.data.io import join_url as join
 from caldm.data.io import read_json, write_bytes, write_json
 from caldm.data.layout import DatasetLayout
@@ -53,143 +47,45 @@ from caldm.distributed.train import (
     plan,
 )
 from caldm.errors import CaldmError, ConfigError, DataError
+from caldm.search_space import Domain, decode, load_space, overrides_of
+from caldm.stages import STAGES
+from caldm.validation import (
+    METRIC,
+    adaptor_windows,
+    refiner_batch,
+    validate_adaptor,
+    validate_refiner,
+)
 
 log = logging.getLogger("caldm.sweep")
 
 TARGETS = ("adaptor", "refiner")
 SEARCHES = ("random", "optuna")
-METRIC = "val_score"  # what ASHA and the searcher minimise
-DOMAINS = ("loguniform", "uniform", "randint", "choice")
-# Modules a trial loads from the bundle instead of training them from scratch.
-NEEDS = {"adaptor": ("enc2d", "dec2d"), "refiner": ()}
 
 
 class SweepFailed(CaldmError):
     """No trial of a sweep finished with a validation metric."""
 
-
-# ------------------------------------------------------------------------ search spaces
-
-
-@dataclass(frozen=True)
-class Domain:
-    """One searched config key: ``kind`` in :data:`DOMAINS` over ``values``."""
-
-    key: str
-    kind: str
-    values: tuple[Any, ...]
-
-    def probes(self) -> list[Any]:
-        """Values that must all be valid config values: every choice, or both bounds."""
-        if self.kind == "randint":
-            return [self.values[0], self.values[1] - 1]
-        return list(self.values)
-
-    def to_tune(self) -> Any:
-        """The Tune domain. Choices are encoded as JSON strings: Optuna's categorical
-        distributions take scalars only, and lists (e.g. widths) are natural choices here."""
-        from ray import tune
-
-        if self.kind == "choice":
-            return tune.choice([json.dumps(v) for v in self.values])
-        return getattr(tune, self.kind)(*self.values)
-
-
-def decode(value: Any) -> Any:
-    """A trial's value of a key as a config value (choices arrive as JSON strings)."""
-    return json.loads(value) if isinstance(value, str) else value
-
-
-def overrides_of(config: dict[str, Any]) -> list[str]:
-    """A trial's searched values as ``--set`` overrides (JSON is valid YAML)."""
-    return [f"{key}={json.dumps(decode(value))}" for key, value in sorted(config.items())]
-
-
-def _domain(source: str, key: str, spec: Any) -> Domain:
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
-        raise ConfigError(
-            f"{source}: {key}: expected one of {{{', '.join(f'{d}: [...]' for d in DOMAINS)}}}"
-        )
-    kind, values = next(iter(spec.items()))
-    if not isinstance(values, list) or not values:
-        raise ConfigError(f"{source}: {key}: {kind} needs a non-empty list")
-    if kind != "choice":
-        if len(values) != 2 or not all(isinstance(v, int | float) for v in values):
-            raise ConfigError(f"{source}: {key}: {kind} needs [low, high] numbers")
-        low, high = values
-        if not low < high or (kind == "loguniform" and low <= 0):
-            raise ConfigError(f"{source}: {key}: {kind} [{low}, {high}] is not a valid range")
-    return Domain(key, kind, tuple(values))
-
-
-def load_space(
-    url: str,
-    target: str,
-    preset: str | None,
-    base: list[str] | None = None,
-    condition: str | None = None,
-) -> dict[str, Domain]:
-    """The search space of ``target`` from the YAML at ``url``, every key and value checked.
-
-    A key that is not a config key, or a value the config rejects (on top of ``preset`` and
-    ``base`` overrides), is a ConfigError naming the YAML file and the key. Keys that cannot
-    act in this sweep are dropped with a warning: the condition dropout without a
-    ``condition``, and the refiner's widths with one (its weights then come from the bundle).
-    """
-    tree = read_yaml(url)
-    section = tree.get(target)
-    if not isinstance(section, dict) or not section:
-        raise ConfigError(f"{url}: no search space for target {target!r} (a mapping of keys)")
-    per_preset = ((tree.get("presets") or {}).get(preset) or {}).get(target) or {}
-    space = {**section, **per_preset}
-    domains: dict[str, Domain] = {}
-    for key, spec in space.items():
-        source = f"{url}: {target}"
-        if key not in valid_keys():
-            try:
-                parse_override(f"{key}=0")  # its message suggests the closest valid key
-            except ConfigError as exc:
-                raise ConfigError(f"{source}: {exc}") from None
-        domain = _domain(source, key, spec)
-        for value in domain.probes():
-            try:
-                load_config(preset, None, [*(base or []), f"{key}={json.dumps(value)}"])
-            except ConfigError as exc:
-                why = str(exc).removeprefix("config: ")
-                raise ConfigError(f"{source}: {key} = {json.dumps(value)}: {why}") from None
-        domains[key] = domain
-    if target == "refiner":
-        drop = [k for k in domains if k.startswith("model.refiner.")] if condition else []
-        drop += [] if condition else [k for k in domains if k == "model.condition.dropout"]
-        for key in drop:
-            why = "its weights come from the bundle" if condition else "no --condition"
-            log.warning("%s: not searching %s (%s)", url, key, why)
-            del domains[key]
-    if not domains:
-        raise ConfigError(f"{url}: nothing to search for target {target!r}")
-    return domains
+    exit_code = 1
 
 
 # ------------------------------------------------------------------------ validation
 
 
-def _fixed_slices(depth: int, count: int) -> np.ndarray:
-    """``count`` consecutive slice indices around the middle of a volume (or all)."""
-    count = min(count, depth)
-    start = (depth - count) // 2
-    return np.arange(start, start + count)
+def tune_domain(domain: Domain) -> Any:
+    """The Tune domain of a searched key. Choices are encoded as JSON strings: Optuna's
+    categorical distributions take scalars only, and lists (e.g. widths) are natural choices."""
+    from ray import tune
+
+    if domain.kind == "choice":
+        return tune.choice([json.dumps(v) for v in domain.values])
+    return getattr(tune, domain.kind)(*domain.values)
 
 
 @dataclass
 class AdaptorValidation:
-    """Validation of DecM on held-out volumes; called on every rank of a trial.
-
-    For ``slices`` consecutive middle slices of each held-out volume, DecM decodes each
-    slice from the Enc2D latents of its k-window (Eq. 1, edges replicated as in training).
-    ``val_rec`` is the L1 error to the real slices; ``val_consistency`` the L1 error of the
-    slice-to-slice differences (stripes show as jumps between neighbours that the real volume
-    does not have). ``val_score = val_rec + consistency_weight * val_consistency``.
-    """
+    """:func:`~caldm.validation.validate_adaptor` on every rank of a trial, with the ZeRO-3
+    partitions of the adaptors gathered; the held-out windows are read once per trial."""
 
     data: str
     ids: tuple[str, ...]
@@ -197,60 +93,25 @@ class AdaptorValidation:
     consistency_weight: float = 1.0
     _windows: list[torch.Tensor] = field(default_factory=list, repr=False)
 
-    def _load(self, cfg: Config) -> list[torch.Tensor]:
-        from caldm.data.io import read_volume
-        from caldm.data.preprocess import resize, to_unit_range
-
-        if not self._windows:  # read once per trial, as the training stream prepares volumes
-            layout, k = DatasetLayout(self.data), cfg.model.k
-            for sample_id in self.ids:
-                volume, _ = read_volume(layout.image_url(sample_id))
-                volume = resize(to_unit_range(volume), cfg.model.image_shape, order="linear")
-                centres = _fixed_slices(volume.shape[0], self.slices)
-                index = np.clip(centres[:, None] + np.arange(k) - k // 2, 0, volume.shape[0] - 1)
-                self._windows.append(
-                    torch.from_numpy(np.ascontiguousarray(volume[index]))[:, :, None]
-                )
-        return self._windows  # each (n, k, 1, H, W)
-
     @torch.no_grad()
     def __call__(self, trainer: StageTrainer) -> dict[str, float]:
         from caldm.nn.nets.dec_m import DecM
 
+        if not self._windows:
+            self._windows = adaptor_windows(self.data, self.ids, trainer.cfg, self.slices)
         enc2d, dec2d = trainer.model.others["enc2d"], trainer.model.others["dec2d"]
         adaptors = trainer.model.trainable["adaptors"]
-        rec, consistency = [], []
         with gathered(list(adaptors.parameters()), trainer.zero3):
-            decm = DecM(dec2d, adaptors)
-            for windows in self._load(trainer.cfg):
-                n, k = windows.shape[:2]
-                real = windows[:, k // 2].float()
-                out = []
-                for window in windows.split(1):  # one window at a time: paper-size slices
-                    window = window.to(trainer.device, trainer.dtype)
-                    z, _ = enc2d(window.flatten(0, 1))
-                    out.append(decm.decode_center(z.reshape(1, k, *z.shape[1:])).float().cpu())
-                fake = torch.cat(out)
-                rec.append((fake - real).abs().mean())
-                consistency.append(((fake[1:] - fake[:-1]) - (real[1:] - real[:-1])).abs().mean())
-        val_rec, val_cons = float(torch.stack(rec).mean()), float(torch.stack(consistency).mean())
-        return {
-            "val_rec": val_rec,
-            "val_consistency": val_cons,
-            METRIC: val_rec + self.consistency_weight * val_cons,
-        }
+            return validate_adaptor(
+                enc2d, DecM(dec2d, adaptors), self._windows, trainer.device, trainer.dtype,
+                self.consistency_weight,
+            )  # fmt: skip
 
 
 @dataclass
 class RefinerValidation:
-    """Denoising loss of the refiner's EMA weights on held-out latents; every rank.
-
-    ``slices`` evenly spaced latent slices of each held-out volume, each noised at
-    ``timesteps`` evenly spaced timesteps with noise drawn once from ``seed``: the same inputs
-    at every evaluation and in every trial. ``val_loss`` is the training objective (its value
-    depends on the prediction type); ``val_score`` is the MSE of the implied noise, comparable
-    across prediction types.
-    """
+    """:func:`~caldm.validation.validate_refiner` of the refiner's float32 EMA weights (what
+    the stage exports) on every rank; the held-out batch is built once per trial."""
 
     latents: str
     ids: tuple[str, ...]
@@ -260,59 +121,16 @@ class RefinerValidation:
     seed: int = 0
     _batch: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def _load(self, cfg: Config, num_train_timesteps: int) -> dict[str, torch.Tensor]:
-        from caldm.data.datasets import LatentDataset
-
-        if not self._batch:
-            # The stage dataset's loader: the cache format, shape checks and label reduction.
-            reader = LatentDataset(self.latents, cfg, "refiner", self.condition)
-            parts: dict[str, list[torch.Tensor]] = {}
-            for sample_id in self.ids:
-                sample = reader._load(sample_id)
-                depth = sample["z_hr"].shape[1]
-                index = np.unique(np.linspace(0, depth - 1, min(self.slices, depth)).round())
-                index = index.astype(np.int64)
-                parts.setdefault("z_hr", []).append(torch.from_numpy(sample["z_hr"][:, index]))
-                parts.setdefault("z_sr", []).append(torch.from_numpy(sample["z_sr"][:, index]))
-                if "label" in sample:
-                    # class fractions (C, D, ...): slice i is [:, i]
-                    label = sample["label"][:, index]
-                    parts.setdefault("label", []).append(torch.from_numpy(label).movedim(1, 0))
-            batch = {
-                "z_hr": torch.cat([p.movedim(1, 0) for p in parts["z_hr"]]),  # (N, c, H', W')
-                "z_sr": torch.cat([p.movedim(1, 0) for p in parts["z_sr"]]),
-            }
-            if "label" in parts:
-                batch["label"] = torch.cat(parts["label"])
-            m = batch["z_hr"].shape[0]
-            t = torch.linspace(0, num_train_timesteps - 1, self.timesteps).round().long()
-            # Every slice at every timestep: repeat the slices, tile the timesteps.
-            batch = {k: v.repeat_interleave(self.timesteps, 0) for k, v in batch.items()}
-            batch["t"] = t.repeat(m)
-            generator = torch.Generator().manual_seed(self.seed)
-            batch["noise"] = torch.randn(batch["z_hr"].shape, generator=generator)
-            self._batch = batch
-        return self._batch
-
     @torch.no_grad()
     def __call__(self, trainer: StageTrainer) -> dict[str, float]:
-        from caldm.diffusion.objective import diffusion_loss
-
-        schedule, scale = trainer.ctx.schedule, trainer.ctx.latent_scale
-        batch = {
-            k: v.to(trainer.device)
-            for k, v in self._load(trainer.cfg, schedule.num_train_timesteps).items()
-        }
-        nets = trainer.ema_modules()  # float32 EMA weights: what the stage exports
-        x0, t, noise = batch["z_hr"] * scale, batch["t"], batch["noise"]
-        guide = [batch["z_sr"] * scale]
-        if self.condition:  # no condition dropout: the conditional model is what is sampled
-            guide.append(nets["cond_refiner"](batch["label"]))
-        guide = torch.cat(guide, 1)
-        loss = diffusion_loss(lambda x, tt: nets["refiner"](x, tt, guide), schedule, x0, t, noise)
-        x_t = schedule.add_noise(x0, noise, t)
-        _, eps = schedule.to_x0_eps(nets["refiner"](x_t, t, guide), x_t, t)
-        return {"val_loss": float(loss), METRIC: float(((eps - noise) ** 2).mean())}
+        ctx = trainer.ctx
+        if not self._batch:
+            self._batch = refiner_batch(
+                self.latents, self.ids, trainer.cfg, self.condition,
+                ctx.schedule.num_train_timesteps, self.slices, self.timesteps, self.seed,
+            )  # fmt: skip
+        batch = {k: v.to(trainer.device) for k, v in self._batch.items()}
+        return validate_refiner(trainer.ema_modules(), batch, ctx)
 
 
 # ------------------------------------------------------------------------ the sweep
@@ -390,7 +208,7 @@ def check(req: SweepRequest) -> SweepPlan:
     base_overrides = [*req.overrides, f"train.checkpoint_every={eval_every}"]
     space = load_space(req.spaces, req.target, req.preset, base_overrides, req.condition)
 
-    needs = NEEDS[req.target] + (("refiner",) if req.condition else ())
+    needs = STAGES[req.target].frozen + (("refiner",) if req.condition else ())
     what = f"the {req.target} sweep" + (" with --condition" if req.condition else "")
     require(bundle, needs, what)
     ids = _sample_ids(req.target, data)
@@ -454,7 +272,7 @@ def base_bundle(p: SweepPlan) -> str | None:
     ``<out>/base_bundle``; None when a trial needs nothing (the unconditional refiner)."""
     from caldm.bundle import save_bundle
 
-    needs = NEEDS[p.req.target] + (("refiner",) if p.req.condition else ())
+    needs = STAGES[p.req.target].frozen + (("refiner",) if p.req.condition else ())
     if not needs:
         return None
     url = join(p.out, "base_bundle")
@@ -581,7 +399,7 @@ def sweep(req: SweepRequest) -> SweepResult:
             search_alg = BasicVariantGenerator(random_state=req.seed, max_concurrent=concurrency)
         tuner = tune.Tuner(
             trainable,
-            param_space={key: d.to_tune() for key, d in p.space.items()},
+            param_space={key: tune_domain(d) for key, d in p.space.items()},
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode="min",

@@ -134,6 +134,11 @@ class StageTrainer:
     def __init__(self, p: TrainPlan, device: torch.device) -> None:
         import deepspeed
 
+        if device.type == "cpu":
+            # DeepSpeed compiles a shared-memory allreduce for CPU on first use: a minute on
+            # a fresh machine, and a build killed midway leaves a lock that every later run
+            # waits on forever. gloo does the same reductions here.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.p, self.cfg, self.spec, self.device = p, p.cfg, p.spec, device
         self.bf16 = device.type == "cuda" or self.cfg.train.precision == "bf16"
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32

@@ -93,5 +93,6 @@ def edge_mad(volume: np.ndarray, label: np.ndarray, below_class: int) -> float:
 
 def shift_label(label: np.ndarray, rows: int) -> np.ndarray:
     """``label`` moved down by ``rows`` along depth (axis 1), the edge rows replicated."""
-    h = label.shape[1]
-    return np.take(label, np.clip(np.arange(h) - rows, 0, h - 1), axis=1)
+    from caldm.data.labels import shift_depth
+
+    return shift_depth(label, rows, axis=1)

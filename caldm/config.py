@@ -223,10 +223,15 @@ class AugmentConfig(_Strict):
     the label, not the training set's typical anatomy, decides where the retina lies. Latents
     move by whole latent pixels (convolutions are shift-equivariant: a latent moved by one
     pixel is the latent of the image moved by one latent pixel's worth), the label by the same
-    full-resolution distance. Flips are off: the trained autoencoders are not mirror-symmetric,
-    so a mirrored latent is not the latent of the mirrored image."""
+    full-resolution distance; the offsets between whole latent pixels come from the latent
+    cache's shifted views (``views``: volumes moved before encoding, their labels with them).
+    Flips are off: the trained autoencoders are not mirror-symmetric, so a mirrored latent is
+    not the latent of the mirrored image."""
 
     shift: float = 0.15  # largest shift along depth (H'), as a fraction of the depth; 0 = off
+    # shifted views per volume in the latent cache: the volume moved by k/(views+1) of a
+    # latent pixel before encoding (datasets.view_shifts); 0 = none
+    views: int = 3
     flip_w: bool = False  # mirror along W
     flip_d: bool = False  # mirror along D (diff3d only: the refiner sees single slices)
 

@@ -2,9 +2,9 @@
 
     python jobs/encode_latents.py --bundle RUN/bundle --data DATA --out LATENTS
 
-diff3d and refiner train on LATENTS (``jobs/train_stage.py --data LATENTS``). Rerunning skips
-volumes already cached. A plain run starts a local Ray; under ``ray job submit`` it joins the
-cluster.
+diff3d and refiner train on LATENTS (``jobs/train_stage.py --data LATENTS``). Each volume is
+cached with its shifted views (``--views``). Rerunning skips what is already cached. A plain
+run starts a local Ray; under ``ray job submit`` it joins the cluster.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ids", metavar="IDS", help="only these volumes: a,b or DATA/split.json:train")
     p.add_argument("--exclude", metavar="IDS", help="volumes to leave out (same forms as --ids)")
+    p.add_argument(
+        "--views", type=int, default=None,
+        help="shifted views per volume, each moved down by part of a latent pixel before "
+        "encoding so label-conditioned training sees every offset (default: the bundle's "
+        "data.augment.views; 0 = the volumes only)",
+    )  # fmt: skip
     return p
 
 
@@ -49,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
 
     stats = encode_latents(
         args.bundle, args.data, args.out, args.actors, args.gpus_per_actor,
-        ids=parse_ids(args.ids), exclude=parse_ids(args.exclude),
+        ids=parse_ids(args.ids), exclude=parse_ids(args.exclude), views=args.views,
     )  # fmt: skip
     print(json.dumps(stats))
     return 0

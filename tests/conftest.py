@@ -90,3 +90,24 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def ray_resources_returned(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test gives back the session cluster's CPUs: a leaked placement group or actor
+    would starve a later job that needs all of them (a 2-worker training waits forever)."""
+    yield
+    import ray
+
+    if not ray.is_initialized():
+        return
+    import time
+
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.monotonic() + 30  # actors and placement groups are released asynchronously
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    held = total - ray.available_resources().get("CPU", 0)
+    if held:
+        with open(os.environ.get("CALDM_LEAK_LOG", os.devnull), "a") as log:
+            log.write(f"{request.node.nodeid}: {held} CPU still held\n")

@@ -228,7 +228,7 @@ def test_encoding_grows_gpu_nodes(cluster: str, root: Path) -> None:
 
     stats, _ = grows(
         lambda: encode_latents(
-            str(root / "init"), str(root / "data"), str(root / "latents"), 2, 1.0
+            str(root / "init"), str(root / "data"), str(root / "latents"), 2, 1.0, views=0
         ),
         needs="GPU",
     )

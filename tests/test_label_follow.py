@@ -28,15 +28,18 @@ from caldm.config import preset
 from caldm.data.datasets import (
     LatentDataset,
     latent_url,
+    view_id,
+    view_shifts,
     write_latent_source,
     write_latents,
 )
 from caldm.data.io import read_label, read_volume
-from caldm.data.labels import prepare_labels
+from caldm.data.labels import prepare_labels, shift_depth
 from caldm.data.layout import DatasetLayout
 from caldm.data.phantom import write_phantom_dataset
 from caldm.data.preprocess import from_unit_range, thumbnail, to_unit_range
 from caldm.diffusion.schedule import NoiseSchedule
+from caldm.distributed.encode import encode_volume
 from caldm.nn.factory import build
 from caldm.nn.losses import HybridLoss
 from caldm.pipeline import CALDMPipeline
@@ -103,18 +106,17 @@ def trained(tmp_path_factory):
             yield {"thumbnail": thumbs[b], "slices": slices, "index": index}
 
     _fit("nhae", mods, ctx, volumes(), NHAE_STEPS, 2e-3)
-    latents = str(root / "latents")
-    with torch.no_grad():
-        for sample_id, thumb, vol in zip(layout.ids(), thumbs, vols):
-            z, _ = mods["enc3d"](thumb[None])
-            z_sr = mods["f_sr"](z)
-            z_hr = mods["enc2d"](vol[:, None])[0].movedim(0, 1)
-            write_latents(latent_url(latents, sample_id), z[0], z_sr[0], z_hr)
+    latents = str(root / "latents")  # as jobs/encode_latents.py writes it: shifted views too
+    for sample_id, vol in zip(layout.ids(), vols):
+        for rows in view_shifts(cfg):
+            moved = shift_depth(vol.numpy(), rows, axis=1)
+            write_latents(latent_url(latents, view_id(sample_id, rows)),
+                          **encode_volume(mods, moved, cfg))  # fmt: skip
     write_latent_source(latents, data)
 
     cfg.model.condition.layer_classes = 9
     stream = iter(LatentDataset(latents, cfg, "diff3d", "layers", seed=0))
-    items = list(itertools.islice(stream, 64))  # ~10 augmented draws of each volume
+    items = list(itertools.islice(stream, 96))  # 4 augmented draws of each view
     scale = 1.0 / float(torch.stack([i["z"] for i in items]).std())
     diff = {k: build(k, cfg, condition="layers") for k in ("diff3d", "cond_diff3d")}
 

@@ -199,3 +199,50 @@ def test_train_plan_takes_the_class_count_from_data_and_bundle(tmp_path) -> None
     init_bundle("tiny", plain)
     p = plan(TrainRequest(data=str(tmp_path / "lat7"), bundle=plain, **{**req, "stage": "diff3d"}))
     assert p.num_classes == 7
+
+
+def test_shifted_views_carry_their_moved_label(tmp_path) -> None:
+    """A cache view ``<id>~dy<r>`` is the volume moved down r image rows before encoding; its
+    label is the volume's label moved by as much (at the label's own resolution), and a
+    held-out volume's views are held out with it."""
+    from caldm.data.datasets import (
+        LatentDataset,
+        latent_url,
+        parse_view,
+        view_id,
+        view_shifts,
+        write_latent_source,
+        write_latents,
+    )
+    from caldm.data.io import read_label
+    from caldm.data.labels import encoder_grid, reduce_label, shift_depth
+    from caldm.data.phantom import write_phantom_dataset
+    from caldm.distributed.plan import training_dataset
+
+    cfg = preset("tiny")
+    assert view_shifts(cfg) == [0, 2, 4, 6]  # quarters of an 8-row latent pixel
+    cfg.data.augment.views = 1
+    assert view_shifts(cfg) == [0, 4]
+    cfg.data.augment.views = 0
+    assert view_shifts(cfg) == [0]
+    assert parse_view(view_id("a~b", 6)) == ("a~b", 6) and parse_view("a") == ("a", 0)
+
+    data = str(tmp_path / "data")
+    write_phantom_dataset(data, 2, "tiny", seed=0)
+    root = str(tmp_path / "latents")
+    zeros = {k: np.zeros(s, np.float32) for k, s in
+             (("z", cfg.model.latent_shape), ("z_sr", cfg.model.z_sr_shape),
+              ("z_hr", cfg.model.z_sr_shape))}  # fmt: skip
+    for sample_id in ("phantom_0000", "phantom_0001"):
+        for rows in (0, 4):
+            write_latents(latent_url(root, view_id(sample_id, rows)), **zeros)
+    write_latent_source(root, data)
+    dataset = LatentDataset(root, cfg, "diff3d", "layers")
+    label = read_label(f"{data}/labels/layers/phantom_0000.nii.gz", "layers")
+    grid = encoder_grid(cfg, "layers", "diff3d")
+    classes = cfg.model.condition.layer_classes
+    got = dataset._load(view_id("phantom_0000", 4))["label"]
+    np.testing.assert_array_equal(got, reduce_label(shift_depth(label, 4), "layers", grid, classes))
+    assert not np.array_equal(got, dataset._load("phantom_0000")["label"])
+    kept = training_dataset("diff3d", root, cfg, "layers", exclude_ids=("phantom_0001",))
+    assert kept.ids == ["phantom_0000", "phantom_0000~dy4"]

@@ -135,7 +135,7 @@ def latents(root: Path, adaptor_run: Path) -> Path:
     out = root / "latents"
     job = _job("encode_latents")
     assert job.main(["--bundle", str(adaptor_run / "bundle"), "--data", str(root / "data"),
-                     "--out", str(out)]) == 0  # fmt: skip
+                     "--out", str(out), "--views", "1"]) == 0  # fmt: skip
     return out
 
 
@@ -209,18 +209,22 @@ def test_adaptor_zero3_trains_adaptors_only(adaptor_run: Path, nhae_run: Path) -
 def test_encode_latents_cache_stats_and_rerun(
     latents: Path, root: Path, adaptor_run, capsys
 ) -> None:
-    ids = sorted(p.stem for p in (root / "data" / "images").glob("*.nii.gz"))
-    assert sorted(p.stem for p in latents.glob("*.safetensors")) == [i.split(".")[0] for i in ids]
+    from caldm.data.datasets import view_id
+
+    ids = sorted(p.stem.split(".")[0] for p in (root / "data" / "images").glob("*.nii.gz"))
+    views = sorted(view_id(i, r) for i in ids for r in (0, 4))  # --views 1: half a latent pixel
+    cached = sorted(p.name.removesuffix(".safetensors") for p in latents.glob("*.safetensors"))
+    assert cached == views
     cfg = preset("tiny")
     z = load_file(str(latents / "phantom_0000.safetensors"))
     assert z["z"].shape == cfg.model.latent_shape
     assert z["z_sr"].shape == z["z_hr"].shape == cfg.model.z_sr_shape
     stats = json.loads((latents / "stats.json").read_text())
-    assert stats["count"] == 4 and stats["z_hr"]["std"] > 0
+    assert stats["count"] == 8 and stats["z_hr"]["std"] > 0
     assert json.loads((latents / "source.json").read_text())["data"] == str(root / "data")
     job = _job("encode_latents")
     before = (latents / "phantom_0000.safetensors").stat().st_mtime_ns
-    args = ["--bundle", str(adaptor_run / "bundle"), "--data", str(root / "data")]
+    args = ["--bundle", str(adaptor_run / "bundle"), "--data", str(root / "data"), "--views", "1"]
     assert job.main([*args, "--out", str(latents)]) == 0  # resumable: nothing re-encoded
     assert (latents / "phantom_0000.safetensors").stat().st_mtime_ns == before
     assert json.loads((latents / "stats.json").read_text()) == stats

@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from caldm.config import Config
 from caldm.data.io import list_dir, read_bytes, read_label, read_volume, write_bytes
-from caldm.data.labels import check_label, encoder_grid, reduce_label
+from caldm.data.labels import check_label, encoder_grid, reduce_label, shift_depth
 from caldm.data.layout import DatasetLayout
 from caldm.data.preprocess import resize, thumbnail, to_unit_range
 from caldm.errors import DataError
@@ -161,6 +161,44 @@ class SliceWindowDataset(_VolumeStream):
 # ------------------------------------------------------------------------- latent cache
 
 
+#: a shifted view's cache id: ``<volume id>~dy<rows>`` (rows on the model's image grid)
+VIEW_SEP = "~dy"
+
+
+def view_shifts(cfg: Config) -> list[int]:
+    """Depth offsets (image rows, 0 first) of the views of each volume in the latent cache.
+
+    Training moves latents and labels together by whole latent pixels only
+    (``data.augment.shift``); a latent pixel is many image rows (8 at every preset), so
+    without views the labels a model sees sit at a handful of offsets and it never learns that
+    a label moved by part of a latent pixel moves the anatomy by as much. Each view is the
+    volume moved by ``k / (views + 1)`` of a latent pixel (k = 1..views) *before* encoding,
+    its label moved with it; with the whole-pixel shifts on top they cover every offset.
+    """
+    views = cfg.data.augment.views
+    if views <= 0 or cfg.data.augment.shift <= 0:
+        return [0]
+    rows_per_pixel = cfg.model.image_shape[1] / cfg.model.latent_shape[2]
+    offsets = {int(round(rows_per_pixel * k / (views + 1))) for k in range(1, views + 1)}
+    return [0, *sorted(offsets - {0})]
+
+
+def view_id(sample_id: str, rows: int) -> str:
+    """The cache id of ``sample_id`` moved down by ``rows`` image rows (itself for 0)."""
+    return sample_id if rows == 0 else f"{sample_id}{VIEW_SEP}{rows}"
+
+
+def parse_view(cache_id: str) -> tuple[str, int]:
+    """``(volume id, rows)`` of a latent cache id (:func:`view_id`)."""
+    base, sep, rows = cache_id.rpartition(VIEW_SEP)
+    if not sep:
+        return cache_id, 0
+    try:
+        return base, int(rows)
+    except ValueError:
+        return cache_id, 0
+
+
 def latent_url(latents_root: str, sample_id: str) -> str:
     """Where the encode job caches a volume's latents."""
     return f"{latents_root.rstrip('/')}/{sample_id}{LATENT_SUFFIX}"
@@ -238,7 +276,7 @@ class LatentDataset(_ShardedStream):
         if condition is not None:
             self.layout = DatasetLayout(data_root or read_latent_source(latents_root)["data"])
             have = set(self.layout.label_ids(condition))
-            missing = [i for i in ids if i not in have]
+            missing = [parse_view(i)[0] for i in ids if parse_view(i)[0] not in have]
             if missing:
                 url = self.layout.label_url(condition, missing[0])
                 raise DataError(url, f"missing {condition} label ({len(missing)} missing in all)")
@@ -262,9 +300,13 @@ class LatentDataset(_ShardedStream):
             if not np.isfinite(tensors[key]).all():
                 raise DataError(url, f"{key} contains NaN or Inf values")
         if self.condition is not None and self.layout is not None:
-            url = self.layout.label_url(self.condition, sample_id)
+            volume_id, rows = parse_view(sample_id)
+            url = self.layout.label_url(self.condition, volume_id)
             classes = model.condition.layer_classes
             label = check_label(read_label(url, self.condition), self.condition, url, classes)
+            if rows and self.condition == "layers":  # the view's volume was moved down by rows
+                rows = int(round(rows * label.shape[1] / model.image_shape[1]))
+                label = shift_depth(label, rows, axis=1)
             grid = encoder_grid(self.cfg, self.condition, self.kind)
             tensors["label"] = reduce_label(label, self.condition, grid, classes)
         return tensors
@@ -288,7 +330,7 @@ class LatentDataset(_ShardedStream):
                 is_label = key == "label"
                 if s and (layers or not is_label):
                     factor = array.shape[-2] // latent_h if is_label else 1
-                    array = _shift_rows(array, s * factor)
+                    array = shift_depth(array, s * factor, axis=-2)
                 if flip_w:
                     array = array[..., ::-1]
                 if flip_d:
@@ -305,13 +347,6 @@ class LatentDataset(_ShardedStream):
         n = self.cfg.data.slices_per_volume
         for i in rng.choice(depth, size=n, replace=n > depth):
             yield self._augment({k: sample[k][:, i] for k in ("z_sr", "z_hr", *keep)}, rng)
-
-
-def _shift_rows(array: np.ndarray, s: int) -> np.ndarray:
-    """``array`` moved by ``s`` along its second-to-last axis (down for s > 0), edges replicated."""
-    n = array.shape[-2]
-    index = np.clip(np.arange(n) - s, 0, n - 1)
-    return np.take(array, index, axis=-2)
 
 
 def num_layer_classes(root: str, max_files: int = 3) -> int:

@@ -42,6 +42,14 @@ class LabelMap:
     url: str
 
 
+def shift_depth(array: np.ndarray, rows: int, axis: int = 1) -> np.ndarray:
+    """``array`` moved down by ``rows`` along its depth ``axis`` (up for ``rows < 0``), the edge
+    rows replicated: what enters is vitreous or sclera, like the rows it copies. One rule for
+    volumes, labels and latents, so that moving them together keeps them aligned."""
+    n = array.shape[axis]
+    return np.take(array, np.clip(np.arange(n) - rows, 0, n - 1), axis=axis)
+
+
 def read_label_map(url: str, kind: LabelKind) -> LabelMap:
     """Read a label and its voxel sizes (from the NIfTI affine, through nibabel).
 

@@ -6,7 +6,10 @@ For every volume of a dataset, with a trained NHAE from a bundle:
 - ``z_sr = f_sr(z)``                            (c, D, H', W')   the refiner's guide
 - ``z_hr = mean of Enc2D(x_i)`` for every slice  (c, D, H', W')   the refiner's target
 
-written as ``<out>/<id>.safetensors`` with ``<out>/source.json`` (dataset and bundle URLs) and
+written as ``<out>/<id>.safetensors``, and for each shifted view of the volume
+(``data.augment.views``, :func:`caldm.data.datasets.view_shifts`: the volume moved down by
+part of a latent pixel before encoding, so that label-conditioned training sees every offset)
+as ``<out>/<id>~dy<rows>.safetensors``; with ``<out>/source.json`` (dataset and bundle URLs) and
 ``<out>/stats.json`` (mean and std of each latent over all volumes; the training stages scale
 latents by 1/std; ``nhae_hash``: the hash of the encoders that wrote the cache, which training
 and later encodes into the same ``out`` check against their bundle). An actor pool of ``actors``
@@ -35,6 +38,24 @@ NEEDS = NHAE_MODULES
 KEYS = ("z", "z_sr", "z_hr")
 
 
+@torch.no_grad()
+def encode_volume(
+    nets: Any, volume: np.ndarray, cfg: Any, slice_batch: int = 32
+) -> dict[str, np.ndarray]:
+    """z, z_sr and z_hr (float32 numpy) of one volume in [-1, 1] on the model's image grid,
+    with ``nets`` holding enc3d, f_sr and enc2d (on one device)."""
+    from caldm.data.preprocess import thumbnail
+
+    device = next(nets["enc3d"].parameters()).device
+    thumb = torch.from_numpy(thumbnail(volume, cfg.model.thumbnail_shape).copy())[None, None]
+    z, _ = nets["enc3d"](thumb.to(device))
+    z_sr = nets["f_sr"](z)
+    slices = torch.from_numpy(np.ascontiguousarray(volume))[:, None]  # (D, 1, H, W)
+    z_hr = torch.cat([nets["enc2d"](chunk.to(device))[0] for chunk in slices.split(slice_batch)])
+    latents = {"z": z[0], "z_sr": z_sr[0], "z_hr": z_hr.movedim(0, 1)}  # z_hr: (c, D, H', W')
+    return {k: v.float().cpu().numpy() for k, v in latents.items()}
+
+
 class LatentEncoder:
     """A Ray Data actor: encodes (or reads back) the latents of a batch of volume ids and
     returns per-volume sums for the statistics."""
@@ -51,26 +72,18 @@ class LatentEncoder:
         self.slice_batch = slice_batch
 
     @torch.no_grad()
-    def encode(self, sample_id: str) -> dict[str, np.ndarray]:
-        """The three latents of one volume (float32 numpy)."""
+    def encode(self, cache_id: str) -> dict[str, np.ndarray]:
+        """The three latents of one volume or shifted view (float32 numpy)."""
+        from caldm.data.datasets import parse_view
         from caldm.data.io import read_volume
-        from caldm.data.preprocess import resize, thumbnail, to_unit_range
+        from caldm.data.labels import shift_depth
+        from caldm.data.preprocess import resize, to_unit_range
 
-        m = self.cfg.model
+        sample_id, rows = parse_view(cache_id)
         volume, _ = read_volume(self.layout.image_url(sample_id))
-        volume = resize(to_unit_range(volume), m.image_shape, order="linear")
-        thumb = torch.from_numpy(thumbnail(volume, m.thumbnail_shape).copy())[None, None]
-        z, _ = self.nets["enc3d"](thumb.to(self.device))
-        z_sr = self.nets["f_sr"](z)
-        slices = torch.from_numpy(np.ascontiguousarray(volume))[:, None]  # (D, 1, H, W)
-        z_hr = torch.cat(
-            [
-                self.nets["enc2d"](chunk.to(self.device))[0]
-                for chunk in slices.split(self.slice_batch)
-            ]
-        )  # (D, c, H', W')
-        latents = {"z": z[0], "z_sr": z_sr[0], "z_hr": z_hr.movedim(0, 1)}
-        return {k: v.float().cpu().numpy() for k, v in latents.items()}
+        volume = resize(to_unit_range(volume), self.cfg.model.image_shape, order="linear")
+        return encode_volume(self.nets, shift_depth(volume, rows, axis=1), self.cfg,
+                             self.slice_batch)  # fmt: skip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from safetensors.numpy import load
@@ -120,20 +133,23 @@ def encode_latents(
     gpus_per_actor: float = 0.0,
     ids: list[str] | None = None,
     exclude: list[str] | None = None,
+    views: int | None = None,
 ) -> dict:
-    """Cache z, z_sr and z_hr of every volume of ``data`` under ``out``; returns the stats.
+    """Cache z, z_sr and z_hr of every volume of ``data`` (and of its shifted views) under
+    ``out``; returns the stats.
 
-    ``ids`` / ``exclude`` narrow the volumes (e.g. a split's train part). Raises a BundleError
-    before any work when the bundle lacks enc3d, f_sr or enc2d.
+    ``ids`` / ``exclude`` narrow the volumes (e.g. a split's train part); ``views`` overrides
+    the bundle's ``data.augment.views``. Raises a BundleError before any work when the bundle
+    lacks enc3d, f_sr or enc2d.
     """
     from caldm.errors import ConfigError
 
-    if actors < 1 or gpus_per_actor < 0:
-        raise ConfigError(f"--actors must be >= 1 and --gpus-per-actor >= 0 ({actors}, "
-                          f"{gpus_per_actor})")  # fmt: skip
+    if actors < 1 or gpus_per_actor < 0 or (views is not None and views < 0):
+        raise ConfigError(f"--actors must be >= 1, --gpus-per-actor and --views >= 0 ({actors}, "
+                          f"{gpus_per_actor}, {views})")  # fmt: skip
     import ray
 
-    from caldm.data.datasets import write_latent_source
+    from caldm.data.datasets import view_id, view_shifts, write_latent_source
     from caldm.data.io import write_bytes
     from caldm.data.layout import DatasetLayout, select_ids
     from caldm.distributed.cluster import ensure_ray
@@ -142,18 +158,21 @@ def encode_latents(
     bundle, data, out = absolute(bundle), absolute(data), absolute(out)
     ids = select_ids(DatasetLayout(data).ids(), ids, exclude, what=f"--ids (volumes of {data})")
     require(bundle, NEEDS, "encoding latents (the trained NHAE and slice encoder)")
-    read_bundle_config(bundle)
+    cfg = read_bundle_config(bundle)
+    if views is not None:
+        cfg.data.augment.views = views
+    cache_ids = [view_id(i, rows) for i in ids for rows in view_shifts(cfg)]
     encoders = nhae_hash(bundle)
     check_nhae(out, encoders)
     ensure_ray()
     ray.data.DataContext.get_current().print_on_execution_start = False  # a page of settings
     stats_rows = (
-        ray.data.from_items([{"id": i} for i in ids])
+        ray.data.from_items([{"id": i} for i in cache_ids])
         .map_batches(
             LatentEncoder,
             fn_constructor_kwargs={"bundle": bundle, "data": data, "out": out},
             batch_size=1,
-            concurrency=max(1, min(actors, len(ids))),
+            concurrency=max(1, min(actors, len(cache_ids))),
             num_gpus=gpus_per_actor,
             num_cpus=1,
         )
@@ -169,5 +188,6 @@ def encode_latents(
     cached = sum(bool(r["cached"]) for r in stats_rows)
     write_latent_source(out, data, bundle=bundle)
     write_bytes(f"{out}/stats.json", json.dumps(stats, indent=1).encode())
-    log.warning("encoded %d volumes (%d already cached) to %s", len(ids) - cached, cached, out)
-    return {**stats, "encoded": len(ids) - cached, "cached": cached}
+    log.warning("encoded %d volumes and views (%d already cached) of %d volumes to %s",
+                len(cache_ids) - cached, cached, len(ids), out)  # fmt: skip
+    return {**stats, "volumes": len(ids), "encoded": len(cache_ids) - cached, "cached": cached}

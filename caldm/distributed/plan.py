@@ -308,9 +308,10 @@ def plan(req: TrainRequest) -> TrainPlan:
 
     exclude = tuple(req.exclude_ids)
     if req.ids is not None:  # --ids: everything else is held out
+        from caldm.data.datasets import parse_view
         from caldm.data.layout import select_ids
 
-        listed = stage_dataset(req.stage, data, cfg, None).ids
+        listed = sorted({parse_view(i)[0] for i in stage_dataset(req.stage, data, cfg, None).ids})
         keep = select_ids(listed, list(req.ids), what=f"--ids (volumes of {data})")
         exclude += tuple(i for i in listed if i not in set(keep))
     num_classes = None
@@ -366,9 +367,12 @@ def training_dataset(
 ):
     """The stage's stream without the held-out ``exclude_ids``; a DataError naming ``data``
     when too few ids remain to give every rank one."""
+    from caldm.data.datasets import parse_view
+
     dataset = stage_dataset(stage, data, cfg, condition, rank, world, seed)
-    if exclude_ids:
-        dataset.ids = [i for i in dataset.ids if i not in set(exclude_ids)]
+    if exclude_ids:  # a held-out volume's shifted views (latent caches) are held out with it
+        held = set(exclude_ids)
+        dataset.ids = [i for i in dataset.ids if parse_view(i)[0] not in held]
         if len(dataset.ids) < world:
             raise DataError(
                 data,

@@ -176,11 +176,11 @@ class SweepPlan:
 def _sample_ids(target: str, data: str) -> list[str]:
     if target == "adaptor":
         return DatasetLayout(data).ids()
-    from caldm.data.datasets import LATENT_SUFFIX
+    from caldm.data.datasets import LATENT_SUFFIX, parse_view
     from caldm.data.io import list_dir
 
-    names = list_dir(data)
-    return sorted(n[: -len(LATENT_SUFFIX)] for n in names if n.endswith(LATENT_SUFFIX))
+    names = [n[: -len(LATENT_SUFFIX)] for n in list_dir(data) if n.endswith(LATENT_SUFFIX)]
+    return sorted({parse_view(n)[0] for n in names})  # volumes, not their shifted views
 
 
 def check(req: SweepRequest) -> SweepPlan:

@@ -232,6 +232,9 @@ class AugmentConfig(_Strict):
     # shifted views per volume in the latent cache: the volume moved by k/(views+1) of a
     # latent pixel before encoding (datasets.view_shifts); 0 = none
     views: int = 3
+    # autoencoder stages (ae2d, nhae, adaptor): volumes moved along depth by up to this
+    # fraction, image only, so the latent space can express a moved retina; 0 = off
+    ae_shift: float = 0.15
     flip_w: bool = False  # mirror along W
     flip_d: bool = False  # mirror along D (diff3d only: the refiner sees single slices)
 
@@ -240,7 +243,7 @@ class DataConfig(_Strict):
     slices_per_volume: int = 1  # nhae: full-resolution slices reconstructed per volume
     skip_bad_volumes: bool = True  # log and skip unreadable volumes during training
     num_workers: int = 2  # per-worker loader processes
-    augment: AugmentConfig = AugmentConfig()  # conditioned diffusion stages only
+    augment: AugmentConfig = AugmentConfig()  # depth shifts: autoencoders, latent views, fine-tunes
 
 
 class Config(_Strict):

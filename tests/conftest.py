@@ -111,3 +111,20 @@ def ray_resources_returned(request: pytest.FixtureRequest) -> Iterator[None]:
     if held:
         with open(os.environ.get("CALDM_LEAK_LOG", os.devnull), "a") as log:
             log.write(f"{request.node.nodeid}: {held} CPU still held\n")
+
+
+def kill_processes_using(path: str) -> None:
+    """SIGKILL every process whose command line names ``path`` (a Ray head's --temp-dir).
+
+    Killing the head's process group is not enough: Ray's dashboard, agents and the fake
+    autoscaler's nodes start in sessions of their own and would outlive the test, holding
+    memory and ports on the machine.
+    """
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(path in part for part in proc.info["cmdline"] or ()):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass

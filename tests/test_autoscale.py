@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import kill_processes_using
 
 from caldm.bundle import init_bundle
 from caldm.config import Config, preset_dict
@@ -147,6 +148,7 @@ def cluster(tmp_path_factory) -> Iterator[str]:
             os.environ["RAY_ADDRESS"] = saved
         os.killpg(head.pid, signal.SIGKILL)  # the head's group: only what it started
         head.wait(timeout=30)
+        kill_processes_using(temp)  # what left the group (dashboard, agents, nodes)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -394,6 +394,7 @@ def cfg():
 
 
 def test_volume_datasets_yield_documented_shapes(phantom_root, cfg):
+    cfg.data.augment.ae_shift = 0.0  # the depth moves have a test of their own
     d, h, w = cfg.model.image_shape
     s, k = cfg.data.slices_per_volume, cfg.model.k
     items = _take(BScanDataset(phantom_root, cfg), 3)
@@ -450,6 +451,7 @@ def test_shards_are_disjoint_and_reshuffled(phantom_root, cfg):
     assert len(orders) > 1  # reshuffled across epochs
     # What each rank actually yields in epoch 0 comes from its own volumes only.
     cfg.data.slices_per_volume = 1
+    cfg.data.augment.ae_shift = 0.0  # slices as stored, to find their volume
     layout = DatasetLayout(phantom_root)
     volumes = {i: to_unit_range(read_volume(layout.image_url(i))[0]) for i in layout.ids()}
     for rank in ranks:
@@ -547,3 +549,32 @@ def test_latent_dataset_errors(tmp_path, latent_root, phantom_root, cfg):
     cfg.data.skip_bad_volumes = False
     with pytest.raises(DataError, match=r"phantom_0000.safetensors: z has shape \(1, 2, 3, 4\)"):
         _take(LatentDataset(latent_root, cfg, "diff3d"), 4)
+
+
+def test_autoencoder_streams_move_the_volume_along_depth(tmp_path) -> None:
+    """data.augment.ae_shift: the autoencoder stages see the retina at other depths (the
+    whole volume moved, edges replicated), so their latents can express a moved retina."""
+    import itertools
+
+    from caldm.data.datasets import ThumbnailSliceDataset
+    from caldm.data.labels import shift_depth
+    from caldm.data.phantom import write_phantom_dataset
+
+    cfg = preset("tiny")
+    cfg.data.slices_per_volume = 2
+    cfg.data.augment.ae_shift = 0.25  # up to 16 of 64 rows
+    root = str(tmp_path / "data")
+    write_phantom_dataset(root, 1, "tiny", seed=0)
+    dataset = ThumbnailSliceDataset(root, cfg)
+    volume = dataset._load("phantom_0000")
+    seen = set()
+    for item in itertools.islice(iter(dataset), 12):
+        slices, index = item["slices"][:, 0].numpy(), item["index"].numpy()
+        moves = [s for s in range(-16, 17)
+                 if np.array_equal(slices, shift_depth(volume, s)[index])]  # fmt: skip
+        assert moves, "a slice that is not the volume's slice moved along depth"
+        seen.add(moves[0])
+    assert len(seen) > 3
+    cfg.data.augment.ae_shift = 0.0
+    item = next(iter(ThumbnailSliceDataset(root, cfg)))
+    np.testing.assert_array_equal(item["slices"][:, 0].numpy(), volume[item["index"].numpy()])

@@ -26,7 +26,9 @@ import torch
 from caldm.anatomy import depth_shift, edge_mad, shift_label
 from caldm.config import preset
 from caldm.data.datasets import (
+    BScanDataset,
     LatentDataset,
+    ThumbnailSliceDataset,
     latent_url,
     view_id,
     view_shifts,
@@ -37,7 +39,7 @@ from caldm.data.io import read_label, read_volume
 from caldm.data.labels import prepare_labels, shift_depth
 from caldm.data.layout import DatasetLayout
 from caldm.data.phantom import write_phantom_dataset
-from caldm.data.preprocess import from_unit_range, thumbnail, to_unit_range
+from caldm.data.preprocess import from_unit_range, to_unit_range
 from caldm.diffusion.schedule import NoiseSchedule
 from caldm.distributed.encode import encode_volume
 from caldm.nn.factory import build
@@ -83,29 +85,18 @@ def trained(tmp_path_factory):
     layout = DatasetLayout(data)
     vols = [to_unit_range(read_volume(layout.image_url(i))[0]) for i in layout.ids()]
     vols = [torch.from_numpy(np.ascontiguousarray(v)) for v in vols]
-    stack = torch.stack(vols)  # (N, D, H, W)
-    n, d, h, w = stack.shape
     ctx = StepContext(cfg, hybrid=HybridLoss(cfg.model.loss), generator=g)
     mods = {k: build(k, cfg) for k in ("enc2d", "dec2d", "enc3d", "f_sr")}
 
-    def bscans():
+    def batches(dataset, size):  # the stages' own streams: their depth augmentation too
+        stream = iter(dataset)
         while True:
-            idx = torch.randint(0, n * d, (16,), generator=g)
-            yield {"image": stack.reshape(n * d, 1, h, w)[idx]}
+            items = [next(stream) for _ in range(size)]
+            yield {k: torch.stack([i[k] for i in items]) for k in items[0]}
 
-    _fit("ae2d", mods, ctx, bscans(), AE_STEPS, 2e-3)
-    thumbs = torch.stack(
-        [torch.from_numpy(thumbnail(v.numpy(), cfg.model.thumbnail_shape)) for v in vols]
-    )[:, None]
-
-    def volumes():
-        while True:
-            b = torch.randint(0, n, (2,), generator=g)
-            index = torch.sort(torch.randint(0, d, (2, 4), generator=g)).values
-            slices = stack[b[:, None], index][:, :, None]
-            yield {"thumbnail": thumbs[b], "slices": slices, "index": index}
-
-    _fit("nhae", mods, ctx, volumes(), NHAE_STEPS, 2e-3)
+    cfg.data.slices_per_volume = 4
+    _fit("ae2d", mods, ctx, batches(BScanDataset(data, cfg), 16), AE_STEPS, 2e-3)
+    _fit("nhae", mods, ctx, batches(ThumbnailSliceDataset(data, cfg), 2), NHAE_STEPS, 2e-3)
     latents = str(root / "latents")  # as jobs/encode_latents.py writes it: shifted views too
     for sample_id, vol in zip(layout.ids(), vols):
         for rows in view_shifts(cfg):

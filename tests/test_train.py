@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import kill_processes_using
 from safetensors.numpy import load_file
 
 from caldm.bundle import init_bundle, load_bundle, read_meta, save_bundle
@@ -409,6 +410,7 @@ def ray_head(tmp_path: Path, s3_server: str):
     finally:
         os.killpg(head.pid, signal.SIGKILL)  # the head's process group: only what it started
         head.wait(timeout=30)
+        kill_processes_using(temp)  # what left the group (dashboard, agents, nodes)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 

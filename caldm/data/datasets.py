@@ -120,6 +120,14 @@ class _VolumeStream(_ShardedStream):
         volume, _ = read_volume(self.layout.image_url(sample_id))
         return resize(to_unit_range(volume), self.cfg.model.image_shape, order="linear")
 
+    def _moved(self, volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The volume moved along depth by up to ``data.augment.ae_shift`` of it (edges
+        replicated): an autoencoder that only ever saw the retina at the device's usual depth
+        decodes it there whatever its latent says, and then no label can move it."""
+        most = int(round(self.cfg.data.augment.ae_shift * volume.shape[1]))
+        rows = int(rng.integers(-most, most + 1)) if most else 0
+        return shift_depth(volume, rows, axis=1) if rows else volume
+
     def _slice_indices(self, rng: np.random.Generator, depth: int) -> np.ndarray:
         n = self.cfg.data.slices_per_volume
         return rng.choice(depth, size=n, replace=n > depth)
@@ -129,6 +137,7 @@ class BScanDataset(_VolumeStream):
     """ae2d: random B-scans, ``{"image": (1, H, W)}``."""
 
     def _items(self, volume: np.ndarray, rng: np.random.Generator) -> Iterator[Item]:
+        volume = self._moved(volume, rng)
         for i in self._slice_indices(rng, volume.shape[0]):
             yield {"image": _tensor(volume[i][None])}
 
@@ -137,6 +146,7 @@ class ThumbnailSliceDataset(_VolumeStream):
     """nhae: the thumbnail with S random full-resolution slices and their indices."""
 
     def _items(self, volume: np.ndarray, rng: np.random.Generator) -> Iterator[Item]:
+        volume = self._moved(volume, rng)
         index = np.sort(self._slice_indices(rng, volume.shape[0]))
         yield {
             "thumbnail": _tensor(thumbnail(volume, self.cfg.model.thumbnail_shape)[None]),
@@ -151,6 +161,7 @@ class SliceWindowDataset(_VolumeStream):
     the volume the end slices repeat, as decoding does."""
 
     def _items(self, volume: np.ndarray, rng: np.random.Generator) -> Iterator[Item]:
+        volume = self._moved(volume, rng)
         n, _ = self.cfg.adaptor_window()
         offsets = np.arange(n) - n // 2
         for centre in self._slice_indices(rng, volume.shape[0]):

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test test-autoscale demo lint install clean
+.PHONY: test test-autoscale test-label-follow demo lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP) lint
 # Jobs growing Ray's fake autoscaling cluster from zero nodes (slow: nodes come and go).
 test-autoscale: $(STAMP)
 	$(PY) -m pytest -q -m autoscale tests/test_autoscale.py
+
+# Does a moved label move the synthetic retina? Trains four tiny networks in-process (minutes).
+test-label-follow: $(STAMP)
+	CALDM_LABEL_FOLLOW=1 $(PY) -m pytest -q -s -o timeout=1500 tests/test_label_follow.py
 
 demo: $(STAMP)
 	$(PY) jobs/pipeline.py --out demo

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from caldm.data.labels import layer_boundaries  # label geometry lives there; re-exported
+
 PLANE_KINDS = ("intra", "inter")
 TV_SLAB = 64  # slices per chunk in total_variation
 
@@ -375,27 +377,6 @@ class ArteryVeinIoU:
         if not self.values:
             return {k: float("nan") for k in keys}
         return {k: float(np.mean([v[k] for v in self.values])) for k in keys}
-
-
-def layer_boundaries(label: np.ndarray, num_classes: int, axis: int = -2) -> np.ndarray:
-    """Depth of every boundary between consecutive layer classes, per A-scan.
-
-    Boundary c (c = 1..C-1) is the top of class c: in each A-scan (a line along ``axis``, the
-    depth), the index of the first pixel whose class is >= c. A layer that thins out to nothing
-    thus puts its boundary on the next one, as layer surfaces do. An A-scan with no class >= c
-    has no boundary c: its depth is the A-scan length (just below the scan).
-
-    Returns int64 of shape (C-1, *A-scan grid) (``label``'s shape without ``axis``).
-    """
-    lab = np.moveaxis(np.asarray(label), axis, -1)
-    depth = lab.shape[-1]
-    out = np.empty((num_classes - 1, *lab.shape[:-1]), np.int64)
-    for c in range(1, num_classes):
-        below = lab >= c
-        first = below.argmax(axis=-1)
-        first[~below.any(axis=-1)] = depth
-        out[c - 1] = first
-    return out
 
 
 class BoundaryMAD:

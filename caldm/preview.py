@@ -70,7 +70,7 @@ VESSEL_COLOURS = {1: (255, 60, 60), 2: (60, 120, 255)}  # artery, vein
 def _overlay_tiles(volume: np.ndarray, label: np.ndarray, tile: int) -> list[Image.Image]:
     """[plain, with the label drawn over it]: the middle B-scan with the layer boundaries of a
     D x H x W layer label, or the en-face projection with the outline of a D x W vessel map."""
-    from caldm.metrics import layer_boundaries
+    from caldm.data.labels import layer_boundaries
 
     v = np.asarray(volume, np.float32)
     lab = np.asarray(label)

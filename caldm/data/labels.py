@@ -50,6 +50,27 @@ def shift_depth(array: np.ndarray, rows: int, axis: int = 1) -> np.ndarray:
     return np.take(array, np.clip(np.arange(n) - rows, 0, n - 1), axis=axis)
 
 
+def layer_boundaries(label: np.ndarray, num_classes: int, axis: int = -2) -> np.ndarray:
+    """Depth of every boundary between consecutive layer classes, per A-scan.
+
+    Boundary c (c = 1..C-1) is the top of class c: in each A-scan (a line along ``axis``, the
+    depth), the index of the first pixel whose class is >= c. A layer that thins out to nothing
+    thus puts its boundary on the next one, as layer surfaces do. An A-scan with no class >= c
+    has no boundary c: its depth is the A-scan length (just below the scan).
+
+    Returns int64 of shape (C-1, *A-scan grid) (``label``'s shape without ``axis``).
+    """
+    lab = np.moveaxis(np.asarray(label), axis, -1)
+    depth = lab.shape[-1]
+    out = np.empty((num_classes - 1, *lab.shape[:-1]), np.int64)
+    for c in range(1, num_classes):
+        below = lab >= c
+        first = below.argmax(axis=-1)
+        first[~below.any(axis=-1)] = depth
+        out[c - 1] = first
+    return out
+
+
 def read_label_map(url: str, kind: LabelKind) -> LabelMap:
     """Read a label and its voxel sizes (from the NIfTI affine, through nibabel).
 

@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # Jobs growing Ray's fake autoscaling cluster from zero nodes (slow: nodes come and go).
 test-autoscale: $(STAMP)

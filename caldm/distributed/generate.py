@@ -487,8 +487,9 @@ def _run(
     sample_errors: dict[str, dict[str, str]] = {}
     seen: set[str] = set()
     first, last = float("inf"), 0.0
+    rows = iter(written.iter_rows())
     try:
-        for row in written.iter_rows():
+        for row in rows:
             seen.add(row["id"])
             if row["scope"] == "sample":
                 sample_errors[row["id"]] = {
@@ -510,6 +511,9 @@ def _run(
             raise
         raise cause from None
     finally:
+        # Closing the stream shuts its executor down now: an abandoned one keeps its writer
+        # tasks leased, holding the cluster's CPUs after the job has returned.
+        getattr(rows, "close", lambda: None)()
         bar.close()
         context.max_errored_blocks = saved_max_errored
     for row in todo:  # in an errored block: no result came back

@@ -70,6 +70,8 @@ class LatentEncoder:
         self.layout = DatasetLayout(data)
         self.out = out
         self.slice_batch = slice_batch
+        # the last volume read: a volume's shifted views arrive one after another
+        self._volume: tuple[str, np.ndarray] | None = None
 
     @torch.no_grad()
     def encode(self, cache_id: str) -> dict[str, np.ndarray]:
@@ -80,8 +82,11 @@ class LatentEncoder:
         from caldm.data.preprocess import resize, to_unit_range
 
         sample_id, rows = parse_view(cache_id)
-        volume, _ = read_volume(self.layout.image_url(sample_id))
-        volume = resize(to_unit_range(volume), self.cfg.model.image_shape, order="linear")
+        if self._volume is None or self._volume[0] != sample_id:  # read each volume once
+            volume, _ = read_volume(self.layout.image_url(sample_id))
+            shape = self.cfg.model.image_shape
+            self._volume = (sample_id, resize(to_unit_range(volume), shape, order="linear"))
+        volume = self._volume[1]
         return encode_volume(self.nets, shift_depth(volume, rows, axis=1), self.cfg,
                              self.slice_batch)  # fmt: skip
 

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from caldm.data.phantom import make_phantom, volume_seed
-from caldm.distributed.evaluation import evaluate_volumes
+from caldm.metrics import evaluate_volumes
 from caldm.pipeline import CALDMPipeline
 
 HELDOUT_SEED = 20_000

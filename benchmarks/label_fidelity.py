@@ -79,8 +79,8 @@ def instrument(root: str) -> str:
     from caldm.data.layout import DatasetLayout
     from caldm.data.phantom import write_phantom_dataset
     from caldm.distributed.end_to_end import FIDELITY_STEPS
-    from caldm.distributed.evaluation import label_fidelity, load_or_train_segmenter
     from caldm.nn.nets.segmenter import segmenter_bytes
+    from caldm.segmentation import label_fidelity, load_or_train_segmenter
 
     train, heldout = f"{root}/train", f"{root}/heldout"
     write_phantom_dataset(train, count=8, preset="tiny", seed=0)

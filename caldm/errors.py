@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 
@@ -44,3 +45,35 @@ def job_main(prog: str, run: Callable[[], int | None]) -> int:
     except CaldmError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+# ------------------------------------------------- exceptions that come back through Ray
+
+
+def root_cause(exc: BaseException) -> str:
+    """The last ``SomeError: message`` line of a (Ray-wrapped) worker traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Failed)\b.*:", line):
+            return line
+    return lines[-1] if lines else type(exc).__name__
+
+
+def caldm_cause(exc: BaseException) -> CaldmError | None:
+    """The first CaldmError in an exception's chain (Ray wraps worker exceptions)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CaldmError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """``TypeName: first line of the message``."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

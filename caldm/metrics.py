@@ -16,11 +16,14 @@ incrementally (:class:`FeatureStats`) and compared with :func:`frechet_distance`
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from caldm.data.labels import layer_boundaries  # label geometry lives there; re-exported
+from caldm.nn.nets.inception import FEATURE_DIM, INPUT_SIZE
 
 PLANE_KINDS = ("intra", "inter")
 TV_SLAB = 64  # slices per chunk in total_variation
@@ -426,3 +429,72 @@ def vessel_contrast(volume: np.ndarray, vessels: np.ndarray) -> float:
         return float("nan")
     out = proj[~inside]
     return float((out.mean() - proj[inside].mean()) / max(out.std(), 1e-12))
+
+
+# ------------------------------------------------------------- sets of volumes, in process
+
+SETS = ("real", "synthetic")
+
+
+def volume_planes(volume: np.ndarray, max_slices: int) -> dict[str, Any]:
+    """A volume's TV, slice consistency and intra and inter planes at INPUT_SIZE on [0, 1].
+
+    Returns ``{"tv": float, <each of SLICE_CONSISTENCY>: float, "intra": (k, S, S),
+    "inter": (k, S, S)}`` (float32 planes).
+    """
+    lo, hi = intensity_range(volume)
+    intra = intra_planes(volume, max_slices)
+    inter = inter_planes(volume, max_slices)
+    differences = mean_abs_differences(volume)
+    return {
+        "tv": float(sum(differences)),
+        **slice_consistency(volume, differences),
+        "intra": resize_planes(to_zero_one(intra, lo, hi), INPUT_SIZE),
+        "inter": resize_planes(to_zero_one(inter, lo, hi), INPUT_SIZE),
+    }
+
+
+def evaluate_volumes(
+    real: list[np.ndarray],
+    synthetic: list[np.ndarray],
+    inception_weights: str | None = None,
+    max_slices_per_volume: int = 16,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """:func:`compute_report`'s numbers for volumes in memory, in this process (no Ray).
+
+    For benchmarks that compare a few small sets (ablations, samplers): same planes, same
+    extractor and the same statistics as the Ray Data job. Returns ``intra_fid``,
+    ``inter_fid``, ``tv`` and ``slice_consistency`` (each ``{"real", "synthetic", "ratio"}``)
+    and ``feature_extractor``.
+    """
+    import torch
+
+    from caldm.nn.nets.inception import build_fid_inception
+
+    model, extractor = build_fid_inception(inception_weights)
+    model.eval()
+    stats = {(s, k): FeatureStats(FEATURE_DIM) for s in SETS for k in PLANE_KINDS}
+    scalars: dict[str, dict[str, list[float]]] = {
+        m: {s: [] for s in SETS} for m in ("tv", *SLICE_CONSISTENCY)
+    }
+    for set_name, volumes in zip(SETS, (real, synthetic)):
+        for volume in volumes:
+            planes = volume_planes(np.asarray(volume), max_slices_per_volume)
+            for m in scalars:
+                scalars[m][set_name].append(planes[m])
+            for kind in PLANE_KINDS:
+                for i in range(0, len(planes[kind]), batch_size):
+                    x = torch.from_numpy(planes[kind][i : i + batch_size])[:, None]
+                    with torch.inference_mode():
+                        stats[set_name, kind].update(model.features(x).float().numpy())
+    return {
+        "intra_fid": stats["real", "intra"].frechet_distance(stats["synthetic", "intra"]),
+        "inter_fid": stats["real", "inter"].frechet_distance(stats["synthetic", "inter"]),
+        "tv": ratio_report(scalars["tv"]["real"], scalars["tv"]["synthetic"]),
+        "slice_consistency": {
+            m: ratio_report(scalars[m]["real"], scalars[m]["synthetic"])
+            for m in SLICE_CONSISTENCY
+        },
+        "feature_extractor": extractor,
+    }

@@ -126,3 +126,46 @@ def label_overlay(
         for j, img in enumerate(_overlay_tiles(volume, label, tile)):
             sheet.paste(img, (LABEL_W + j * (tile + PAD), y))
     return sheet
+
+
+# ------------------------------------------------------- datasets: real beside synthetic
+
+PREVIEW_PER_SET = 2
+
+
+def list_volumes(root: str) -> list[tuple[str, str]]:
+    """(id, image URL) of every volume under ``root``; DataError naming ``root`` if none."""
+    from caldm.data.layout import DatasetLayout
+
+    layout = DatasetLayout(root)
+    return [(sample_id, layout.image_url(sample_id)) for sample_id in layout.ids()]
+
+
+def preview_image(real: str, synthetic: str, per_set: int = PREVIEW_PER_SET) -> Image.Image:
+    """Fig. 2-style preview: the first ``per_set`` real volumes above the synthetic ones."""
+    from caldm.data.io import read_volume
+
+    vols, titles = [], []
+    for name, root in (("real", real), ("synthetic", synthetic)):
+        for sample_id, url in list_volumes(root)[:per_set]:
+            vols.append(read_volume(url)[0])
+            titles.append(f"{name}: {sample_id}")
+    return volume_preview(vols, titles)
+
+
+def overlay_image(
+    real: str, synthetic: str, task: str, per_set: int = PREVIEW_PER_SET
+) -> Image.Image:
+    """Synthetic volumes with their guiding label drawn over them, beside real ones with their
+    own label (:func:`caldm.preview.label_overlay`)."""
+    from caldm.data.io import read_label, read_volume
+    from caldm.data.layout import DatasetLayout
+
+    vols, labels, titles = [], [], []
+    for name, root in (("real", real), ("synthetic", synthetic)):
+        layout = DatasetLayout(root)
+        for sample_id in layout.label_ids(task)[:per_set]:
+            vols.append(read_volume(layout.image_url(sample_id))[0])
+            labels.append(read_label(layout.label_url(task, sample_id), task))
+            titles.append(f"{name}: {sample_id}")
+    return label_overlay(vols, labels, titles)

@@ -115,7 +115,8 @@ def test_downstream_job(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from caldm.distributed.downstream import SEGMENTER_FILE, iter_pairs, score_segmenter
+    from caldm.distributed.downstream import SEGMENTER_FILE
+    from caldm.segmentation import iter_pairs, score_segmenter
 
     db = f"sqlite:///{tmp_path}/mlflow.db"  # S3 outputs: runs would go to ~/.caldm otherwise
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db)
@@ -207,7 +208,7 @@ def test_downstream_help_without_a_cluster() -> None:
 
 @pytest.fixture(scope="module")
 def segmenter_file(inputs: dict[str, str]) -> str:
-    from caldm.distributed.downstream import iter_pairs, planes_of
+    from caldm.segmentation import iter_pairs, planes_of
 
     cfg = SegmenterConfig("layers", 7, (32, 32), channels=(8, 16, 32))
     planes = planes_of(iter_pairs(inputs["real"], "layers", 7), cfg)
@@ -218,8 +219,8 @@ def segmenter_file(inputs: dict[str, str]) -> str:
 
 
 def test_label_fidelity(tmp_path: Path, inputs: dict[str, str], segmenter_file: str) -> None:
-    from caldm.distributed.evaluation import label_fidelity
     from caldm.errors import CaldmError
+    from caldm.segmentation import label_fidelity
 
     # "Synthetic" volumes that are the held-out ones with their own labels: identical numbers.
     same = str(tmp_path / "same")

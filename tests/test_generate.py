@@ -36,12 +36,8 @@ from caldm.data.labels import load_label
 from caldm.data.layout import DatasetLayout
 from caldm.data.phantom import LAYER_NAMES, write_phantom_dataset
 from caldm.data.preprocess import resize
-from caldm.distributed.generate import (
-    Provenance,
-    complete_samples,
-    generate_dataset,
-    sample_seed,
-)
+from caldm.data.generated import Provenance, complete_samples, sample_seed
+from caldm.distributed.generate import generate_dataset
 from caldm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

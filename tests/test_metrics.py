@@ -17,8 +17,9 @@ from caldm import metrics
 from caldm.data.io import write_volume
 from caldm.data.phantom import make_phantom
 from caldm.distributed import tracking
-from caldm.distributed.evaluation import _read_batch, volume_planes
+from caldm.distributed.evaluation import _read_batch
 from caldm.errors import DataError
+from caldm.metrics import volume_planes
 from caldm.nn.nets.inception import FEATURE_DIM, build_fid_inception
 from caldm.preview import volume_preview
 
@@ -468,7 +469,7 @@ class _PooledFeatures(torch.nn.Module):
 
 
 def test_evaluate_volumes_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    from caldm.distributed.evaluation import evaluate_volumes
+    from caldm.metrics import evaluate_volumes
     from caldm.nn.nets import inception
 
     monkeypatch.setattr(inception, "build_fid_inception", lambda w: (_PooledFeatures(), "pooled"))

@@ -130,13 +130,13 @@ def test_upload_verified_on_sse_kms_bucket(
     import hashlib
 
     from caldm.data.io import split_url
-    from caldm.distributed.generate import put_verified
+    from caldm.data.io import write_verified
     from caldm.errors import DataError
 
     _etag_not_md5(monkeypatch)
     url = f"{kms_bucket}/images/a.nii.gz"
     data = os.urandom(50_000)
-    assert put_verified(url, data) == {"bytes": 50_000, "sha256": hashlib.sha256(data).hexdigest()}
+    assert write_verified(url, data) == {"bytes": 50_000, "sha256": hashlib.sha256(data).hexdigest()}
     fs, path = split_url(url)
     bucket, key, _ = fs.split_path(path)
     head = fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
@@ -149,7 +149,7 @@ def test_upload_verified_on_sse_kms_bucket(
     real = caldm_io.write_bytes
     monkeypatch.setattr(caldm_io, "write_bytes", lambda u, d: real(u, bytes(reversed(d))))
     with pytest.raises(DataError, match=r"b\.nii\.gz: verification failed"):
-        put_verified(f"{kms_bucket}/images/b.nii.gz", data)
+        write_verified(f"{kms_bucket}/images/b.nii.gz", data)
 
 
 # --------------------------------------------------------------------------- 3. error rows

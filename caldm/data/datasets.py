@@ -215,6 +215,13 @@ def latent_url(latents_root: str, sample_id: str) -> str:
     return f"{latents_root.rstrip('/')}/{sample_id}{LATENT_SUFFIX}"
 
 
+def cached_ids(latents_root: str, views: bool = True) -> list[str]:
+    """Sorted ids of the latent cache at ``latents_root``: every entry (``<id>~dy<rows>``
+    views included) or, with ``views=False``, the volumes they come from."""
+    names = [n[: -len(LATENT_SUFFIX)] for n in list_dir(latents_root) if n.endswith(LATENT_SUFFIX)]
+    return sorted(names if views else {parse_view(n)[0] for n in names})
+
+
 def write_latents(url: str, z: Any, z_sr: Any, z_hr: Any) -> None:
     """Cache one volume's latents (numpy or torch) as float32 safetensors, atomically.
 
@@ -274,9 +281,7 @@ class LatentDataset(_ShardedStream):
         if condition not in (None, "layers", "vessels"):
             raise ValueError(f"unknown condition {condition!r}")
         latents_root = latents_root.rstrip("/")
-        ids = sorted(
-            n[: -len(LATENT_SUFFIX)] for n in list_dir(latents_root) if n.endswith(LATENT_SUFFIX)
-        )
+        ids = cached_ids(latents_root)
         if not ids:
             raise DataError(
                 latents_root, "no latent cache (<id>.safetensors); run jobs/encode_latents.py"

@@ -9,16 +9,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from caldm.data.io import LabelKind, split_url, storage_errors, write_bytes
+from caldm.data.io import (
+    LabelKind,
+    encode_nifti,
+    split_url,
+    storage_errors,
+    write_bytes,
+    write_verified,
+)
 from caldm.data.layout import DatasetLayout
-from caldm.errors import ConfigError, DataError
+from caldm.errors import ConfigError, DataError, one_line
 
 MANIFEST_DIR = ".manifest"
+
+#: Attempts per sample (sampling, and writing) before it becomes a row of errors.jsonl.
+ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -178,3 +190,54 @@ def write_errors(out: str, errors: list[dict[str, str]]) -> None:
     with storage_errors(url):
         if fs.exists(path):  # a report of an earlier run; this run's labels were all readable
             fs.rm(path)
+
+
+def write_sample(row: dict[str, Any], out: str, kind: str, prov: Provenance) -> dict[str, Any]:
+    """Write one sample's image and label, verify them, then its manifest row.
+
+    Returns a small summary row (no arrays) for the driver's progress and report.
+    """
+    summary = {
+        "id": row["id"],
+        "label_url": row["label_url"],
+        "error": row["error"],
+        "scope": row["scope"],
+        "sample_s": float(row["sample_s"]),
+        "write_s": 0.0,
+        "started": float(row["started"]),
+        "finished": 0.0,
+    }
+    if row["error"]:
+        return summary
+    start = time.perf_counter()
+    sid = row["id"]
+    image = encode_nifti(row["volume"], row["affine"])
+    label = encode_nifti(row["label"], row["affine"])
+    for attempt in range(1, ATTEMPTS + 1):
+        try:  # a transient storage error (or a failed verification) is retried
+            files = {
+                "image": write_verified(image_url(out, sid), image),
+                "label": write_verified(label_url(out, kind, sid), label),
+            }
+            break
+        except Exception as exc:
+            if attempt == ATTEMPTS:
+                summary["error"] = f"{sid}: writing failed {attempt} times ({one_line(exc)})"
+                summary["scope"] = "sample"
+                return summary
+            time.sleep(0.5 * attempt)
+    record = {
+        "id": sid,
+        "label_id": row["label_id"],
+        "seed": int(row["seed"]),
+        "bundle": {"url": prov.bundle_url, "hash": prov.bundle_hash},
+        "sampler": prov.sampler,
+        "steps": prov.steps,
+        "ablation": prov.ablation,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": files,
+    }
+    write_bytes(row_url(out, sid), json.dumps(record, sort_keys=True).encode())
+    summary["write_s"] = time.perf_counter() - start
+    summary["finished"] = time.time()
+    return summary

@@ -15,12 +15,12 @@ Pipeline (one row per volume, then one row per plane):
 4. The driver streams the features into per-(set, plane kind) mean/covariance accumulators
    (bounded memory for any number of planes) and computes the Fréchet distances.
 
-Label fidelity (:func:`label_fidelity`, when a segmenter is given or real training data to
-train one): does each synthetic volume follow the label that guided it? A segmenter trained on
-real (image, label) pairs segments every synthetic volume and every held-out real volume; the
-report gives mean Dice and boundary MAD (layers) or IoU-A/IoU-V and the en-face vessel
-contrast (vessels) of both against their own labels, and their ratio. The segmenter runs on
-the driver, one volume at a time.
+Label fidelity (:func:`caldm.segmentation.label_fidelity`, when a segmenter is given or real
+training data to train one): does each synthetic volume follow the label that guided it? A
+segmenter trained on real (image, label) pairs segments every synthetic volume and every
+held-out real volume; the report gives mean Dice and boundary MAD (layers) or IoU-A/IoU-V and
+the en-face vessel contrast (vessels) of both against their own labels, and their ratio. The
+segmenter runs on the driver, one volume at a time.
 """
 
 from __future__ import annotations
@@ -33,36 +33,10 @@ import numpy as np
 
 from caldm import metrics
 from caldm.errors import CaldmError, DataError
+from caldm.metrics import SETS, volume_planes
 from caldm.nn.nets.inception import FEATURE_DIM, INPUT_SIZE
-
-SETS = ("real", "synthetic")
-PREVIEW_PER_SET = 2
-
-
-def list_volumes(root: str) -> list[tuple[str, str]]:
-    """(id, image URL) of every volume under ``root``; DataError naming ``root`` if none."""
-    from caldm.data.layout import DatasetLayout
-
-    layout = DatasetLayout(root)
-    return [(sample_id, layout.image_url(sample_id)) for sample_id in layout.ids()]
-
-
-def volume_planes(volume: np.ndarray, max_slices: int) -> dict[str, Any]:
-    """A volume's TV, slice consistency and intra and inter planes at INPUT_SIZE on [0, 1].
-
-    Returns ``{"tv": float, <each of metrics.SLICE_CONSISTENCY>: float, "intra": (k, S, S),
-    "inter": (k, S, S)}`` (float32 planes).
-    """
-    lo, hi = metrics.intensity_range(volume)
-    intra = metrics.intra_planes(volume, max_slices)
-    inter = metrics.inter_planes(volume, max_slices)
-    differences = metrics.mean_abs_differences(volume)
-    return {
-        "tv": float(sum(differences)),
-        **metrics.slice_consistency(volume, differences),
-        "intra": metrics.resize_planes(metrics.to_zero_one(intra, lo, hi), INPUT_SIZE),
-        "inter": metrics.resize_planes(metrics.to_zero_one(inter, lo, hi), INPUT_SIZE),
-    }
+from caldm.preview import list_volumes, overlay_image, preview_image
+from caldm.segmentation import label_fidelity
 
 
 def _read_planes(url: str, max_slices: int) -> dict[str, Any]:
@@ -217,193 +191,9 @@ def compute_report(
     }
 
 
-def evaluate_volumes(
-    real: list[np.ndarray],
-    synthetic: list[np.ndarray],
-    inception_weights: str | None = None,
-    max_slices_per_volume: int = 16,
-    batch_size: int = 32,
-) -> dict[str, Any]:
-    """:func:`compute_report`'s numbers for volumes in memory, in this process (no Ray).
-
-    For benchmarks that compare a few small sets (ablations, samplers): same planes, same
-    extractor and the same statistics as the Ray Data job. Returns ``intra_fid``,
-    ``inter_fid``, ``tv`` and ``slice_consistency`` (each ``{"real", "synthetic", "ratio"}``)
-    and ``feature_extractor``.
-    """
-    import torch
-
-    from caldm.nn.nets.inception import build_fid_inception
-
-    model, extractor = build_fid_inception(inception_weights)
-    model.eval()
-    stats = {(s, k): metrics.FeatureStats(FEATURE_DIM) for s in SETS for k in metrics.PLANE_KINDS}
-    scalars: dict[str, dict[str, list[float]]] = {
-        m: {s: [] for s in SETS} for m in ("tv", *metrics.SLICE_CONSISTENCY)
-    }
-    for set_name, volumes in zip(SETS, (real, synthetic)):
-        for volume in volumes:
-            planes = volume_planes(np.asarray(volume), max_slices_per_volume)
-            for m in scalars:
-                scalars[m][set_name].append(planes[m])
-            for kind in metrics.PLANE_KINDS:
-                for i in range(0, len(planes[kind]), batch_size):
-                    x = torch.from_numpy(planes[kind][i : i + batch_size])[:, None]
-                    with torch.inference_mode():
-                        stats[set_name, kind].update(model.features(x).float().numpy())
-    return {
-        "intra_fid": stats["real", "intra"].frechet_distance(stats["synthetic", "intra"]),
-        "inter_fid": stats["real", "inter"].frechet_distance(stats["synthetic", "inter"]),
-        "tv": metrics.ratio_report(scalars["tv"]["real"], scalars["tv"]["synthetic"]),
-        "slice_consistency": {
-            m: metrics.ratio_report(scalars[m]["real"], scalars[m]["synthetic"])
-            for m in metrics.SLICE_CONSISTENCY
-        },
-        "feature_extractor": extractor,
-    }
-
-
-def preview_image(real: str, synthetic: str, per_set: int = PREVIEW_PER_SET) -> Any:
-    """Fig. 2-style preview: the first ``per_set`` real volumes above the synthetic ones."""
-    from caldm.data.io import read_volume
-    from caldm.preview import volume_preview
-
-    vols, titles = [], []
-    for name, root in zip(SETS, (real, synthetic)):
-        for sample_id, url in list_volumes(root)[:per_set]:
-            vols.append(read_volume(url)[0])
-            titles.append(f"{name}: {sample_id}")
-    return volume_preview(vols, titles)
-
-
 def preview_url(out: str) -> str:
     """The preview PNG written beside the report: ``x/report.json`` -> ``x/report.png``."""
     return (out[: -len(".json")] if out.endswith(".json") else out) + ".png"
-
-
-def fidelity_task(synthetic: str) -> str:
-    """The label kind the synthetic dataset was guided by: ``layers`` if it has layer labels,
-    else ``vessels``; DataError naming ``<synthetic>/labels`` when it has neither."""
-    from caldm.data.layout import DatasetLayout
-
-    layout = DatasetLayout(synthetic)
-    for kind in ("layers", "vessels"):
-        if layout.label_ids(kind):
-            return kind
-    raise DataError(
-        f"{layout.root}/labels",
-        "no layers or vessels labels beside the images: label fidelity needs the guiding labels",
-    )
-
-
-def load_or_train_segmenter(
-    task: str,
-    segmenter: str | None = None,
-    train_real: str | None = None,
-    steps: int = 300,
-    seed: int = 0,
-    log: Any = print,
-) -> tuple[Any, Any, str]:
-    """(model, SegmenterConfig, where it came from): the segmenter file at ``segmenter``
-    (written by ``jobs/downstream.py``), or one trained here on the real dataset ``train_real``
-    for ``steps`` steps. Nothing is downloaded."""
-    from caldm.data.io import read_bytes
-    from caldm.distributed.downstream import iter_pairs, num_classes_of, planes_of
-    from caldm.nn.nets.segmenter import (
-        SegmenterConfig,
-        plane_shape_for,
-        segmenter_from_bytes,
-        train_segmenter,
-    )
-
-    if segmenter is not None:
-        try:
-            model, cfg = segmenter_from_bytes(read_bytes(segmenter), segmenter)
-        except ValueError as exc:
-            raise DataError(segmenter, str(exc).removeprefix(f"{segmenter}: ")) from None
-        if cfg.task != task:
-            raise DataError(segmenter, f"a {cfg.task} segmenter; the synthetic labels are {task}")
-        return model, cfg, segmenter
-    if train_real is None:
-        raise CaldmError("label fidelity needs --segmenter PATH or --train-real URL")
-    num_classes = num_classes_of(train_real, task)
-    pairs = list(iter_pairs(train_real, task, num_classes))
-    cfg = SegmenterConfig(task, num_classes, plane_shape_for(pairs[0].volume.shape, task))
-    planes = planes_of(pairs, cfg)
-    log(f"evaluate: training a {task} segmenter on {len(pairs)} real volumes ({steps} steps)")
-    model = train_segmenter(
-        planes.images.astype(np.float32),
-        planes.labels,
-        cfg,
-        steps,
-        seed,
-        log=lambda step, loss: log(f"evaluate: segmenter step {step}/{steps}, loss {loss:.3f}"),
-    )
-    return model, cfg, f"trained on {train_real} ({steps} steps, seed {seed})"
-
-
-def label_fidelity(
-    heldout: str,
-    synthetic: str,
-    segmenter: str | None = None,
-    train_real: str | None = None,
-    steps: int = 300,
-    log: Any = print,
-) -> dict[str, Any]:
-    """Label fidelity of ``synthetic`` (each volume against the label that guided it), next to
-    the same numbers on the held-out real volumes of ``heldout``.
-
-    Returns ``{"task", "segmenter", "num_classes", "real": {metric: {"mean", "std"}, "n"},
-    "synthetic": {...}, "ratio": {metric: synthetic mean / real mean}}``; metrics are
-    ``dice``, ``mad`` (layers) or ``iou_a``, ``iou_v``, ``vessel_contrast`` (vessels). Labels
-    with a class the segmenter does not know, or of another shape than their image, are a
-    DataError naming the file.
-    """
-    from caldm.distributed.downstream import iter_pairs, score_segmenter
-
-    task = fidelity_task(synthetic)
-    model, cfg, source = load_or_train_segmenter(task, segmenter, train_real, steps, log=log)
-    report: dict[str, Any] = {"task": task, "segmenter": source, "num_classes": cfg.num_classes}
-    for name, root in (("real", heldout), ("synthetic", synthetic)):
-        contrast: list[float] = []
-
-        def pairs(root: str = root, contrast: list[float] = contrast) -> Any:
-            for pair in iter_pairs(root, task, cfg.num_classes):
-                if task == "vessels":
-                    contrast.append(metrics.vessel_contrast(pair.volume, pair.label))
-                yield pair
-
-        report[name] = score_segmenter(model, cfg, pairs())
-        if task == "vessels":
-            finite = [c for c in contrast if np.isfinite(c)]
-            report[name]["vessel_contrast"] = (
-                metrics.mean_std(finite) if finite else {"mean": float("nan"), "std": 0.0}
-            )
-    report["ratio"] = {
-        k: report["synthetic"][k]["mean"] / report["real"][k]["mean"]
-        if report["real"][k]["mean"]
-        else None
-        for k in report["real"]
-        if k != "n"
-    }
-    return report
-
-
-def overlay_image(real: str, synthetic: str, task: str, per_set: int = PREVIEW_PER_SET) -> Any:
-    """Synthetic volumes with their guiding label drawn over them, beside real ones with their
-    own label (:func:`caldm.preview.label_overlay`)."""
-    from caldm.data.io import read_label, read_volume
-    from caldm.data.layout import DatasetLayout
-    from caldm.preview import label_overlay
-
-    vols, labels, titles = [], [], []
-    for name, root in zip(SETS, (real, synthetic)):
-        layout = DatasetLayout(root)
-        for sample_id in layout.label_ids(task)[:per_set]:
-            vols.append(read_volume(layout.image_url(sample_id))[0])
-            labels.append(read_label(layout.label_url(task, sample_id), task))
-            titles.append(f"{name}: {sample_id}")
-    return label_overlay(vols, labels, titles)
 
 
 def overlay_url(out: str) -> str:

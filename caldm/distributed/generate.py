@@ -39,13 +39,10 @@ every run, giving exactly one row per sample; the rows stay as the journal for l
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -53,45 +50,22 @@ import numpy as np
 # caldm.bundle (and with it torch) is imported inside the driver functions only: writer tasks
 # import this module, and a torch import costs seconds of each fresh worker's start.
 from caldm.data.generated import (
-    MANIFEST_DIR,
+    ATTEMPTS,
     Provenance,
     complete_samples,
     consolidate_manifest,
-    image_url,
-    label_url,
     plan_samples,
-    read_rows,
     remove_stale_temp_files,
-    row_url,
-    sample_id,
-    sample_seed,
     write_errors,
+    write_sample,
 )
-from caldm.data.io import LabelKind, encode_nifti, write_bytes, write_verified
+from caldm.data.io import LabelKind
 from caldm.data.labels import read_label_map, resize_to_image
 from caldm.data.layout import DatasetLayout
-from caldm.errors import BundleError, CaldmError, ConfigError, DataError
-
-# Re-exported: the generated layout's helpers were defined here before caldm.data.generated.
-__all__ = [
-    "MANIFEST_DIR",
-    "Provenance",
-    "complete_samples",
-    "consolidate_manifest",
-    "generate_dataset",
-    "image_url",
-    "label_url",
-    "plan_samples",
-    "read_rows",
-    "remove_stale_temp_files",
-    "row_url",
-    "sample_id",
-    "sample_seed",
-]
+from caldm.errors import BundleError, ConfigError, DataError, caldm_cause, one_line
+from caldm.progress import RateProgress
 
 SAMPLERS = ("ddim", "dpm++", "ddpm")  # caldm.diffusion.samplers.SAMPLERS (no torch import here)
-#: Attempts per sample (sampling, and writing) before it becomes a row of errors.jsonl.
-ATTEMPTS = 3
 #: Test hook: ``<sample_id>[:n],...`` makes sampling those samples raise (the first n attempts;
 #: every attempt without n), as a CUDA OOM or a NaN would.
 FAIL_SAMPLE_ENV = "CALDM_FAIL_SAMPLE"
@@ -215,15 +189,10 @@ class SamplerActor:
             except Exception as exc:  # OOM, NaN, a flaky store: retried, then an error row
                 _free_accelerator_memory()
                 if attempt == ATTEMPTS:
-                    problem = f"sampling failed {attempt} times ({_one_line(exc)})"
+                    problem = f"sampling failed {attempt} times ({one_line(exc)})"
                     return self._error_row(row, f"{row['id']}: {problem}", "sample")
         return {**row, "error": "", "scope": "", "volume": volume, "label": label,
                 "affine": affine, "sample_s": elapsed, "started": started}  # fmt: skip
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _free_accelerator_memory() -> None:
@@ -232,63 +201,6 @@ def _free_accelerator_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def put_verified(url: str, data: bytes) -> dict[str, Any]:
-    """Write ``data`` and verify what the store holds (:func:`caldm.data.io.write_verified`:
-    size, and the S3 SHA-256 checksum, which holds on SSE-KMS and SSE-C buckets too)."""
-    return write_verified(url, data)
-
-
-def write_sample(row: dict[str, Any], out: str, kind: str, prov: Provenance) -> dict[str, Any]:
-    """Ray Data task: write one sample's image and label, verify them, then its manifest row.
-
-    Returns a small summary row (no arrays) for the driver's progress and report.
-    """
-    summary = {
-        "id": row["id"],
-        "label_url": row["label_url"],
-        "error": row["error"],
-        "scope": row["scope"],
-        "sample_s": float(row["sample_s"]),
-        "write_s": 0.0,
-        "started": float(row["started"]),
-        "finished": 0.0,
-    }
-    if row["error"]:
-        return summary
-    start = time.perf_counter()
-    sid = row["id"]
-    image = encode_nifti(row["volume"], row["affine"])
-    label = encode_nifti(row["label"], row["affine"])
-    for attempt in range(1, ATTEMPTS + 1):
-        try:  # a transient storage error (or a failed verification) is retried
-            files = {
-                "image": put_verified(image_url(out, sid), image),
-                "label": put_verified(label_url(out, kind, sid), label),
-            }
-            break
-        except Exception as exc:
-            if attempt == ATTEMPTS:
-                summary["error"] = f"{sid}: writing failed {attempt} times ({_one_line(exc)})"
-                summary["scope"] = "sample"
-                return summary
-            time.sleep(0.5 * attempt)
-    record = {
-        "id": sid,
-        "label_id": row["label_id"],
-        "seed": int(row["seed"]),
-        "bundle": {"url": prov.bundle_url, "hash": prov.bundle_hash},
-        "sampler": prov.sampler,
-        "steps": prov.steps,
-        "ablation": prov.ablation,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": files,
-    }
-    write_bytes(row_url(out, sid), json.dumps(record, sort_keys=True).encode())
-    summary["write_s"] = time.perf_counter() - start
-    summary["finished"] = time.time()
-    return summary
 
 
 # --- driver --------------------------------------------------------------------------------
@@ -326,53 +238,6 @@ def bundle_condition(bundle: str) -> LabelKind:
             "--condition layers|vessels); label-guided generation needs one"
         )
     return condition
-
-
-def _caldm_cause(exc: BaseException) -> CaldmError | None:
-    """The first CaldmError in an exception's chain (Ray wraps worker exceptions)."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, CaldmError):
-            return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
-
-
-class _Progress:
-    """A tqdm bar plus a plain line every ``every`` seconds: done/total and volumes per minute."""
-
-    def __init__(self, total: int, every: float, log: Callable[[str], None]) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, unit="vol", desc="generate", file=sys.stderr)
-        self.total, self.every, self.log = total, every, log
-        self.done = self.failed = 0
-        self.start = self.last = time.monotonic()
-
-    def update(self, failed: bool) -> None:
-        self.done += 1
-        self.failed += failed
-        self.bar.update(1)
-        if time.monotonic() - self.last >= self.every:
-            self.line()
-
-    def line(self) -> None:
-        self.last = time.monotonic()
-        minutes = max(self.last - self.start, 1e-9) / 60
-        made = self.done - self.failed
-        self.log(
-            f"generate: {self.done}/{self.total} done, {made / minutes:.2f} volumes/min"
-            + (f", {self.failed} failed" if self.failed else "")
-        )
-
-    def close(self) -> None:
-        self.bar.close()
-        self.line()
 
 
 def generate_dataset(
@@ -482,7 +347,7 @@ def _run(
     written = samples.map(
         write_sample, fn_kwargs={"out": out, "kind": kind, "prov": prov}, num_cpus=0.5
     )
-    bar = _Progress(len(todo), progress_every, log)
+    bar = RateProgress(len(todo), progress_every, log, "generate", "volumes")
     errors: dict[str, str] = {}
     sample_errors: dict[str, dict[str, str]] = {}
     seen: set[str] = set()
@@ -506,7 +371,7 @@ def _run(
     except Exception as exc:
         # A worker's DataError (say, S3 gone while writing) arrives wrapped in Ray's
         # exceptions; surface it as the one-line error it is. The run resumes when rerun.
-        cause = _caldm_cause(exc)
+        cause = caldm_cause(exc)
         if cause is None:
             raise
         raise cause from None

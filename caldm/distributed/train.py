@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -56,6 +55,7 @@ from caldm.distributed.plan import (
     run_record,
     training_dataset,
 )
+from caldm.errors import root_cause
 from caldm.stages import (
     StepOutput,
 )
@@ -231,15 +231,6 @@ def _storage(out: str) -> tuple[str, Any]:
     return path, PyFileSystem(FSSpecHandler(fs))
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The last ``SomeError: message`` line of a (Ray-wrapped) worker traceback."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[\w.]*(Error|Exception|Failed)\b.*:", line):
-            return line
-    return lines[-1] if lines else type(exc).__name__
-
-
 def train(req: TrainRequest) -> dict[str, Any]:
     """Check, train (or resume), export; returns the summary also written to
     ``<out>/summary.json``: stage, global_step, resumed_from_step, checkpoint, bundle, and
@@ -284,7 +275,7 @@ def train(req: TrainRequest) -> dict[str, Any]:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps the workers' exceptions: name the root cause
         raise TrainingFailed(
-            f"{p.out}: stage {p.stage} failed ({_root_cause(exc)}); rerun the same command "
+            f"{p.out}: stage {p.stage} failed ({root_cause(exc)}); rerun the same command "
             "to resume from the newest checkpoint"
         ) from exc
     ckpt = result.checkpoint.path

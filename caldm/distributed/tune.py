@@ -25,37 +25,27 @@ import csv
 import io
 import json
 import logging
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from caldm.bundle import load_bundle, read_meta, require
 from caldm.config import load_config
+from caldm.data.datasets import cached_ids
 from caldm.data.io import join_url as join
 from caldm.data.io import read_json, write_bytes, write_json
 from caldm.data.layout import DatasetLayout
-from caldm.distributed.train import (
-    StageTrainer,
-    TrainRequest,
-    _root_cause,
-    _storage,
-    absolute,
-    gathered,
-    plan,
+from caldm.distributed.train import _storage, absolute, plan
+from caldm.distributed.trial import (
+    AdaptorValidation,
+    RefinerValidation,
+    TrialSetup,
+    run_trial,
+    train_request,
 )
-from caldm.errors import CaldmError, ConfigError, DataError
+from caldm.errors import CaldmError, ConfigError, DataError, root_cause
 from caldm.search_space import Domain, decode, load_space, overrides_of
 from caldm.stages import STAGES
-from caldm.validation import (
-    METRIC,
-    adaptor_windows,
-    refiner_batch,
-    validate_adaptor,
-    validate_refiner,
-)
+from caldm.validation import METRIC
 
 log = logging.getLogger("caldm.sweep")
 
@@ -69,9 +59,6 @@ class SweepFailed(CaldmError):
     exit_code = 1
 
 
-# ------------------------------------------------------------------------ validation
-
-
 def tune_domain(domain: Domain) -> Any:
     """The Tune domain of a searched key. Choices are encoded as JSON strings: Optuna's
     categorical distributions take scalars only, and lists (e.g. widths) are natural choices."""
@@ -80,57 +67,6 @@ def tune_domain(domain: Domain) -> Any:
     if domain.kind == "choice":
         return tune.choice([json.dumps(v) for v in domain.values])
     return getattr(tune, domain.kind)(*domain.values)
-
-
-@dataclass
-class AdaptorValidation:
-    """:func:`~caldm.validation.validate_adaptor` on every rank of a trial, with the ZeRO-3
-    partitions of the adaptors gathered; the held-out windows are read once per trial."""
-
-    data: str
-    ids: tuple[str, ...]
-    slices: int = 8
-    consistency_weight: float = 1.0
-    _windows: list[torch.Tensor] = field(default_factory=list, repr=False)
-
-    @torch.no_grad()
-    def __call__(self, trainer: StageTrainer) -> dict[str, float]:
-        from caldm.nn.nets.dec_m import DecM
-
-        if not self._windows:
-            self._windows = adaptor_windows(self.data, self.ids, trainer.cfg, self.slices)
-        enc2d, dec2d = trainer.model.others["enc2d"], trainer.model.others["dec2d"]
-        adaptors = trainer.model.trainable["adaptors"]
-        with gathered(list(adaptors.parameters()), trainer.zero3):
-            return validate_adaptor(
-                enc2d, DecM(dec2d, adaptors), self._windows, trainer.device, trainer.dtype,
-                self.consistency_weight,
-            )  # fmt: skip
-
-
-@dataclass
-class RefinerValidation:
-    """:func:`~caldm.validation.validate_refiner` of the refiner's float32 EMA weights (what
-    the stage exports) on every rank; the held-out batch is built once per trial."""
-
-    latents: str
-    ids: tuple[str, ...]
-    condition: str | None = None
-    slices: int = 8
-    timesteps: int = 4
-    seed: int = 0
-    _batch: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    @torch.no_grad()
-    def __call__(self, trainer: StageTrainer) -> dict[str, float]:
-        ctx = trainer.ctx
-        if not self._batch:
-            self._batch = refiner_batch(
-                self.latents, self.ids, trainer.cfg, self.condition,
-                ctx.schedule.num_train_timesteps, self.slices, self.timesteps, self.seed,
-            )  # fmt: skip
-        batch = {k: v.to(trainer.device) for k, v in self._batch.items()}
-        return validate_refiner(trainer.ema_modules(), batch, ctx)
 
 
 # ------------------------------------------------------------------------ the sweep
@@ -173,16 +109,6 @@ class SweepPlan:
     eval_every: int
 
 
-def _sample_ids(target: str, data: str) -> list[str]:
-    if target == "adaptor":
-        return DatasetLayout(data).ids()
-    from caldm.data.datasets import LATENT_SUFFIX, parse_view
-    from caldm.data.io import list_dir
-
-    names = [n[: -len(LATENT_SUFFIX)] for n in list_dir(data) if n.endswith(LATENT_SUFFIX)]
-    return sorted({parse_view(n)[0] for n in names})  # volumes, not their shifted views
-
-
 def check(req: SweepRequest) -> SweepPlan:
     """Check every input before any trial: target and options, the search space (keys and
     values), the bundle (what the target loads), the data (volumes, or a latent cache for the
@@ -211,7 +137,10 @@ def check(req: SweepRequest) -> SweepPlan:
     needs = STAGES[req.target].frozen + (("refiner",) if req.condition else ())
     what = f"the {req.target} sweep" + (" with --condition" if req.condition else "")
     require(bundle, needs, what)
-    ids = _sample_ids(req.target, data)
+    if req.target == "adaptor":
+        ids = DatasetLayout(data).ids()
+    else:  # volumes, not their shifted views: a held-out volume holds out its views
+        ids = cached_ids(data, views=False)
     if not ids and req.target == "refiner":
         raise DataError(data, "no latent cache (<id>.safetensors); run jobs/encode_latents.py")
     if len(ids) <= req.holdout:
@@ -219,7 +148,7 @@ def check(req: SweepRequest) -> SweepPlan:
         raise DataError(data, f"{len(ids)} {kind}: need more than --holdout {req.holdout}")
     holdout_ids = tuple(ids[-req.holdout :])  # deterministic: the last ids
     # The train loop's own checks (bundle model, data, latent stats, labels), without trials.
-    plan(_train_request(req, data, join(out, "trials", "check"), bundle, base_overrides, ()))
+    plan(train_request(req, data, join(out, "trials", "check"), bundle, base_overrides, ()))
 
     previous = read_json(join(out, "sweep.json"))
     identity = _identity(req, bundle, data)
@@ -239,31 +168,6 @@ def _identity(req: SweepRequest, bundle: str, data: str) -> dict[str, Any]:
         "bundle": bundle,
         "data": data,
     }
-
-
-def _train_request(
-    req: SweepRequest,
-    data: str,
-    out: str,
-    bundle: str | None,
-    overrides: list[str],
-    exclude: tuple[str, ...],
-    **hooks: Any,
-) -> TrainRequest:
-    return TrainRequest(
-        stage=req.target,
-        data=data,
-        out=out,
-        preset=req.preset,
-        bundle=bundle,
-        condition=req.condition,
-        overrides=tuple(overrides),
-        workers=req.workers_per_trial,
-        gpus_per_worker=req.gpus_per_worker,
-        max_steps=req.max_steps,
-        exclude_ids=exclude,
-        **hooks,
-    )
 
 
 def base_bundle(p: SweepPlan) -> str | None:
@@ -288,57 +192,6 @@ def base_bundle(p: SweepPlan) -> str | None:
             meta_update={k: meta[k] for k in keep if k in meta},
         )
     return url
-
-
-@dataclass(frozen=True)
-class TrialSetup:
-    """What every trial of a sweep shares (shipped to the trial actors by Tune)."""
-
-    req: SweepRequest
-    data: str
-    out: str
-    bundle: str | None
-    base_overrides: tuple[str, ...]
-    holdout_ids: tuple[str, ...]
-    evaluate: Callable[[StageTrainer], dict[str, float]]
-    tracking_uri: str
-
-
-def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """The Tune function trainable: one stage run with the trial's values.
-
-    The run lives in ``<out>/trials/<trial_id>`` under a fixed Ray Train name, so a resumed
-    sweep restarts an unfinished trial from its newest checkpoint.
-    """
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from caldm.distributed.train import train
-
-    context = tune.get_context()
-    request = _train_request(
-        setup.req,
-        setup.data,
-        join(setup.out, "trials", context.get_trial_id()),
-        setup.bundle,
-        [*setup.base_overrides, *overrides_of(config)],
-        setup.holdout_ids,
-        evaluate=setup.evaluate,
-        callbacks=(TuneReportCallback(),),
-        experiment=f"caldm-sweep-{setup.req.target}",
-        run_name=context.get_trial_name(),
-    )
-    # One MLflow database for the sweep, forwarded to the train workers with MLFLOW_*; set
-    # only for this call, since the process may be reused for other work afterwards.
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
-    try:
-        train(request)
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 @dataclass
@@ -459,7 +312,7 @@ def _write_outputs(p: SweepPlan, results: Any) -> SweepResult:
         )
         # Searched values as YAML text (epsilon, null, [0, 1]), as --set takes them.
         row.update({k: _cell(decode(v)) for k, v in sorted((result.config or {}).items())})
-        row["error"] = _root_cause(result.error) if result.error else ""
+        row["error"] = root_cause(result.error) if result.error else ""
         rows.append(row)
     rows.sort(key=lambda r: r["trial_id"])  # Tune's order changes on restore
     scored = [r for r in rows if r[METRIC] is not None]

@@ -1,0 +1,144 @@
+"""What one trial of a sweep runs: the stage trainer with the trial's values, and the
+held-out validation its workers report to Tune (:mod:`caldm.distributed.tune` drives them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from caldm.data.io import join_url as join
+from caldm.distributed.train import StageTrainer, TrainRequest, gathered
+from caldm.search_space import overrides_of
+from caldm.validation import adaptor_windows, refiner_batch, validate_adaptor, validate_refiner
+
+
+@dataclass
+class AdaptorValidation:
+    """:func:`~caldm.validation.validate_adaptor` on every rank of a trial, with the ZeRO-3
+    partitions of the adaptors gathered; the held-out windows are read once per trial."""
+
+    data: str
+    ids: tuple[str, ...]
+    slices: int = 8
+    consistency_weight: float = 1.0
+    _windows: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @torch.no_grad()
+    def __call__(self, trainer: StageTrainer) -> dict[str, float]:
+        from caldm.nn.nets.dec_m import DecM
+
+        if not self._windows:
+            self._windows = adaptor_windows(self.data, self.ids, trainer.cfg, self.slices)
+        enc2d, dec2d = trainer.model.others["enc2d"], trainer.model.others["dec2d"]
+        adaptors = trainer.model.trainable["adaptors"]
+        with gathered(list(adaptors.parameters()), trainer.zero3):
+            return validate_adaptor(
+                enc2d, DecM(dec2d, adaptors), self._windows, trainer.device, trainer.dtype,
+                self.consistency_weight,
+            )  # fmt: skip
+
+
+@dataclass
+class RefinerValidation:
+    """:func:`~caldm.validation.validate_refiner` of the refiner's float32 EMA weights (what
+    the stage exports) on every rank; the held-out batch is built once per trial."""
+
+    latents: str
+    ids: tuple[str, ...]
+    condition: str | None = None
+    slices: int = 8
+    timesteps: int = 4
+    seed: int = 0
+    _batch: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @torch.no_grad()
+    def __call__(self, trainer: StageTrainer) -> dict[str, float]:
+        ctx = trainer.ctx
+        if not self._batch:
+            self._batch = refiner_batch(
+                self.latents, self.ids, trainer.cfg, self.condition,
+                ctx.schedule.num_train_timesteps, self.slices, self.timesteps, self.seed,
+            )  # fmt: skip
+        batch = {k: v.to(trainer.device) for k, v in self._batch.items()}
+        return validate_refiner(trainer.ema_modules(), batch, ctx)
+
+
+def train_request(
+    req: Any,  # tune.SweepRequest
+    data: str,
+    out: str,
+    bundle: str | None,
+    overrides: list[str],
+    exclude: tuple[str, ...],
+    **hooks: Any,
+) -> TrainRequest:
+    """The TrainRequest of one trial of ``req`` (a ``SweepRequest``), writing to ``out``."""
+    return TrainRequest(
+        stage=req.target,
+        data=data,
+        out=out,
+        preset=req.preset,
+        bundle=bundle,
+        condition=req.condition,
+        overrides=tuple(overrides),
+        workers=req.workers_per_trial,
+        gpus_per_worker=req.gpus_per_worker,
+        max_steps=req.max_steps,
+        exclude_ids=exclude,
+        **hooks,
+    )
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a sweep shares (shipped to the trial actors by Tune)."""
+
+    req: Any  # tune.SweepRequest
+    data: str
+    out: str
+    bundle: str | None
+    base_overrides: tuple[str, ...]
+    holdout_ids: tuple[str, ...]
+    evaluate: Callable[[StageTrainer], dict[str, float]]
+    tracking_uri: str
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune function trainable: one stage run with the trial's values.
+
+    The run lives in ``<out>/trials/<trial_id>`` under a fixed Ray Train name, so a resumed
+    sweep restarts an unfinished trial from its newest checkpoint.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from caldm.distributed.train import train
+
+    context = tune.get_context()
+    request = train_request(
+        setup.req,
+        setup.data,
+        join(setup.out, "trials", context.get_trial_id()),
+        setup.bundle,
+        [*setup.base_overrides, *overrides_of(config)],
+        setup.holdout_ids,
+        evaluate=setup.evaluate,
+        callbacks=(TuneReportCallback(),),
+        experiment=f"caldm-sweep-{setup.req.target}",
+        run_name=context.get_trial_name(),
+    )
+    # One MLflow database for the sweep, forwarded to the train workers with MLFLOW_*; set
+    # only for this call, since the process may be reused for other work afterwards.
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
+    try:
+        train(request)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous

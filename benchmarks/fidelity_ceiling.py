@@ -123,8 +123,8 @@ def main() -> int:
                         help="classifier-free guidance scale (default: the bundle's)")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
-    table = markdown(ceiling(args.bundle, args.heldout, args.segmenter, args.seed, args.guidance_scale), args.bundle,
-                     args.heldout)  # fmt: skip
+    result = ceiling(args.bundle, args.heldout, args.segmenter, args.seed, args.guidance_scale)
+    table = markdown(result, args.bundle, args.heldout)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table)

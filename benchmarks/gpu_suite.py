@@ -71,7 +71,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from caldm.bench.memory import run_dtype, stage_peak_bytes  # noqa: E402
+from caldm.bench.memory import stage_peak_bytes  # noqa: E402
 from caldm.bench.meta import PeakMemory, module_bytes  # noqa: E402
 from caldm.bench.sampling import sampling_memory  # noqa: E402
 from caldm.bundle import init_bundle  # noqa: E402
@@ -88,7 +88,13 @@ from caldm.pipeline import (  # noqa: E402
     SLICE_MODULES,
     CALDMPipeline,
 )
-from caldm.stages import STAGES, StepContext, discriminator_loss, example_batch  # noqa: E402
+from caldm.stages import (  # noqa: E402
+    STAGES,
+    StepContext,
+    discriminator_loss,
+    example_batch,
+    train_dtype,
+)
 from caldm.streaming import SliceDecoder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -274,7 +280,7 @@ def train_stage(
 ) -> dict[str, Any]:
     """Measure one training stage: peak memory of its steps, steps/s, and the accounting."""
     spec = STAGES[stage]
-    dtype = run_dtype(cfg)
+    dtype = train_dtype(cfg)
     t = cfg.train
     trained = spec.trainable(None)
     began = time.perf_counter()
@@ -613,7 +619,7 @@ class Suite:
             self.device = torch.device("cuda")
             name = torch.cuda.get_device_name(self.device)
         # sampling on a GPU runs in bf16; the dry run keeps the preset's (CPU) precision
-        self.sample_dtype = torch.bfloat16 if self.device.type == "cuda" else run_dtype(self.cfg)
+        self.sample_dtype = torch.bfloat16 if self.device.type == "cuda" else train_dtype(self.cfg)
         self.budget = Budget(args.budget_s)
         self.floor = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
         self.out = Path(args.out)

@@ -27,6 +27,16 @@ from caldm.nn.nets.dec_m import DecM
 Modules = dict[str, nn.Module]
 Batch = dict[str, torch.Tensor]
 
+#: Elements per ZeRO gradient reduce / allgather bucket: what the DeepSpeed engine is given and
+#: what the memory accounting (caldm.bench.memory) charges for it.
+REDUCE_BUCKET = 50_000_000
+
+
+def train_dtype(cfg: Config) -> torch.dtype:
+    """The dtype a stage computes in, on every device: bf16 when ``train.precision`` is bf16
+    (the optimizer keeps fp32 master weights), else fp32."""
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
 
 @dataclass
 class StepContext:

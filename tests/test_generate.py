@@ -24,6 +24,7 @@ import pytest
 
 from caldm.bundle import init_bundle
 from caldm.config import Config, preset_dict
+from caldm.data.generated import Provenance, complete_samples, sample_seed
 from caldm.data.io import (
     read_bytes,
     read_label,
@@ -36,7 +37,6 @@ from caldm.data.labels import load_label
 from caldm.data.layout import DatasetLayout
 from caldm.data.phantom import LAYER_NAMES, write_phantom_dataset
 from caldm.data.preprocess import resize
-from caldm.data.generated import Provenance, complete_samples, sample_seed
 from caldm.distributed.generate import generate_dataset
 from caldm.errors import ConfigError
 

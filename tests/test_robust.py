@@ -129,14 +129,14 @@ def test_upload_verified_on_sse_kms_bucket(
 ) -> None:
     import hashlib
 
-    from caldm.data.io import split_url
-    from caldm.data.io import write_verified
+    from caldm.data.io import split_url, write_verified
     from caldm.errors import DataError
 
     _etag_not_md5(monkeypatch)
     url = f"{kms_bucket}/images/a.nii.gz"
     data = os.urandom(50_000)
-    assert write_verified(url, data) == {"bytes": 50_000, "sha256": hashlib.sha256(data).hexdigest()}
+    sha256 = hashlib.sha256(data).hexdigest()
+    assert write_verified(url, data) == {"bytes": 50_000, "sha256": sha256}
     fs, path = split_url(url)
     bucket, key, _ = fs.split_path(path)
     head = fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")

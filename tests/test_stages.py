@@ -149,3 +149,18 @@ def test_refiner_items_pair_slice_i_latents_with_slice_i_label(tmp_path) -> None
         i = int(item["z_sr"][0, 0, 0])
         assert torch.equal(item["z_hr"], -item["z_sr"])
         torch.testing.assert_close(item["label"], torch.as_tensor(reduced[:, i]).float())
+
+
+def test_train_dtype_is_the_configured_precision_on_every_device() -> None:
+    """One rule for the engine and the memory accounting; fp32 stays fp32 on a GPU too (it
+    used to become bf16 on CUDA whatever train.precision said)."""
+    import caldm.bench.memory as memory
+    import caldm.distributed.engine as engine
+    from caldm.stages import train_dtype
+
+    cfg = preset("tiny")
+    cfg.train.precision = "fp32"
+    assert train_dtype(cfg) is torch.float32
+    cfg.train.precision = "bf16"
+    assert train_dtype(cfg) is torch.bfloat16
+    assert memory.train_dtype is engine.train_dtype is train_dtype

@@ -27,14 +27,16 @@ from caldm.config import Config, preset
 from caldm.diffusion.schedule import NoiseSchedule
 from caldm.nn.factory import build
 from caldm.nn.losses import HybridLoss
-from caldm.stages import STAGES, StepContext, discriminator_loss, example_batch
+from caldm.stages import (
+    REDUCE_BUCKET,
+    STAGES,
+    StepContext,
+    discriminator_loss,
+    example_batch,
+    train_dtype,
+)
 
-REDUCE_BUCKET = 50_000_000  # elements; DeepSpeed's reduce/allgather bucket size we configure
 GIB = 2**30
-
-
-def run_dtype(cfg: Config) -> torch.dtype:
-    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
 
 def stage_step_setup(stage: str, cfg: Config, condition: str | None = None) -> dict[str, Any]:
@@ -42,7 +44,7 @@ def stage_step_setup(stage: str, cfg: Config, condition: str | None = None) -> d
     dtype, trainables requiring grad, checkpointing as configured), ``ctx``, ``batch``,
     ``trained`` and ``dtype``. Shared by the memory and FLOP accounting."""
     spec = STAGES[stage]
-    dtype = run_dtype(cfg)
+    dtype = train_dtype(cfg)
     trained = spec.trainable(condition)
     with torch.device("meta"):
         mods = {

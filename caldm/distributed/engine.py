@@ -27,16 +27,15 @@ from caldm.nn.factory import build
 from caldm.nn.losses import HybridLoss
 from caldm.nn.nets.diffusion_unet import widen_input
 from caldm.stages import (
+    REDUCE_BUCKET,
     StageSpec,
     StepContext,
     StepOutput,
     discriminator_loss,
+    train_dtype,
 )
 
 log = logging.getLogger("caldm.train")
-
-#: Elements per ZeRO gradient reduce / allgather bucket.
-REDUCE_BUCKET = 50_000_000
 
 
 # ------------------------------------------------------------------------ modules
@@ -140,8 +139,8 @@ class StageTrainer:
             # waits on forever. gloo does the same reductions here.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.p, self.cfg, self.spec, self.device = p, p.cfg, p.spec, device
-        self.bf16 = device.type == "cuda" or self.cfg.train.precision == "bf16"
-        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.dtype = train_dtype(self.cfg)
+        self.bf16 = self.dtype == torch.bfloat16
         self.zero3 = self.cfg.train.zero_stage == 3
         trainable, frozen = build_stage_modules(p)
         # EMA (diffusion stages). ZeRO 0-2: a full float32 copy, taken before checkpointing

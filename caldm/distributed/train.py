@@ -34,7 +34,6 @@ from caldm.data.io import join_url as join
 from caldm.data.io import write_json
 from caldm.distributed.cluster import ensure_ray, worker_env
 from caldm.distributed.engine import (
-    REDUCE_BUCKET,
     StageModel,
     StageTrainer,
     build_stage_modules,
@@ -62,7 +61,6 @@ from caldm.stages import (
 
 # Re-exported: callers import the training API from this module.
 __all__ = [
-    "REDUCE_BUCKET",
     "Evaluate",
     "StageModel",
     "StageTrainer",

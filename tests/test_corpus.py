@@ -199,3 +199,35 @@ def test_corpus_training_follows_the_old_loss_curve(root: Path) -> None:
         a, b = old[lo : lo + window].mean(), new[lo : lo + window].mean()
         noise = 2 * (old[lo : lo + window].std() + new[lo : lo + window].std()) / np.sqrt(window)
         assert abs(a - b) <= max(noise, 0.1 * a), (lo, a, b)
+
+
+def test_image_items_move_along_depth_on_read(root: Path) -> None:
+    """data.augment.ae_shift reaches the corpus path: each image item is the stored one moved
+    along depth (edges replicated) by at most the configured fraction, the nhae thumbnail and
+    slices by the same fraction; with ae_shift 0 the items are the stored ones."""
+    from caldm.data.labels import shift_depth
+
+    moved_cfg, still_cfg = preset("tiny"), preset("tiny")
+    still_cfg.data.augment.ae_shift = 0.0
+    corpus = str(root / "corpus")
+    for stage, key in (("ae2d", "image"), ("nhae", "slices"), ("adaptor", "window")):
+        moved = iter(C.CorpusDataset(corpus, stage, moved_cfg, seed=3))
+        still = iter(C.CorpusDataset(corpus, stage, still_cfg, seed=3))
+        rows_seen = []
+        for _ in range(12):
+            a, b = next(moved), next(still)  # same shuffle order: the moves use their own rng
+            axis = b[key].dim() - 2
+            depth = b[key].shape[axis]
+            most = round(moved_cfg.data.augment.ae_shift * depth)
+            match = [r for r in range(-most - 1, most + 2)
+                     if np.array_equal(shift_depth(b[key].numpy(), r, axis), a[key].numpy())]
+            assert match, f"{stage}: not a depth move of the stored item"
+            rows = min(match, key=abs)
+            assert abs(rows) <= most + 1, stage
+            if stage == "nhae":
+                small = b["thumbnail"].shape[-2]
+                coarse = round(rows * small / depth)
+                want = shift_depth(b["thumbnail"].numpy(), coarse, b["thumbnail"].dim() - 2)
+                assert np.array_equal(a["thumbnail"].numpy(), want)
+            rows_seen.append(rows)
+        assert any(rows_seen), f"{stage}: nothing moved"

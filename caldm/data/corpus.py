@@ -46,6 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from caldm.config import Config
 from caldm.data.io import read_bytes, split_url, url_exists, write_bytes
+from caldm.data.labels import shift_depth
 from caldm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -315,6 +316,28 @@ class CorpusDataset(IterableDataset):
         except Exception as exc:
             raise DataError(url, f"not a readable corpus shard ({exc})") from None
 
+    def _moved(self, item: Item, rng: np.random.Generator) -> Item:
+        """``data.augment.ae_shift`` on an image item, as the volume streams apply it
+        (``datasets._VolumeStream._moved``): every image of the item moved along depth by the
+        same random fraction, edges replicated. The nhae thumbnail moves by whole thumbnail
+        rows and its slices by the same fraction of their depth, so the two stay aligned."""
+        frac = self.cfg.data.augment.ae_shift
+        key = {"ae2d": "image", "nhae": "slices", "adaptor": "window"}.get(self.stage)
+        if not frac or key is None:
+            return item
+        depth = item[key].shape[-2]
+        if "thumbnail" in item:
+            small = item["thumbnail"].shape[-2]
+            most = int(round(frac * small))
+            coarse = int(rng.integers(-most, most + 1))
+            rows = int(round(coarse * depth / small))
+            item["thumbnail"] = _shifted(item["thumbnail"], coarse)
+        else:
+            most = int(round(frac * depth))
+            rows = int(rng.integers(-most, most + 1))
+        item[key] = _shifted(item[key], rows)
+        return item
+
     def _decode(self, raw: dict[str, bytes]) -> Item:
         item: Item = {}
         for name, col in self.columns.items():
@@ -344,6 +367,7 @@ class CorpusDataset(IterableDataset):
             if not shards:
                 return  # more loader workers than shards: this worker has nothing to read
             rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
+            moves = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
             buffer: list[dict[str, bytes]] = []
             streams = [self._row_groups(s) for s in shards[: self.open_shards]]
             pending = shards[self.open_shards :]
@@ -358,10 +382,17 @@ class CorpusDataset(IterableDataset):
                     names = list(group)
                     buffer.extend(dict(zip(names, row)) for row in zip(*group.values()))
                 while len(buffer) >= self.shuffle_buffer:
-                    yield self._decode(_pop_random(buffer, rng))
+                    yield self._moved(self._decode(_pop_random(buffer, rng)), moves)
             while buffer:
-                yield self._decode(_pop_random(buffer, rng))
+                yield self._moved(self._decode(_pop_random(buffer, rng)), moves)
             epoch += 1
+
+
+def _shifted(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """:func:`~caldm.data.labels.shift_depth` of a tensor whose depth is its second-last axis."""
+    if not rows:
+        return t
+    return torch.from_numpy(np.ascontiguousarray(shift_depth(t.numpy(), rows, axis=t.dim() - 2)))
 
 
 def _pop_random(buffer: list[Any], rng: np.random.Generator) -> Any:

@@ -238,7 +238,7 @@ def test_bundle_without_adaptors_frees_their_config(root: Path, tmp_path: Path) 
 
 
 def test_asha_stops_trials_cleanly(root: Path, ray_cluster, tmp_path: Path) -> None:
-    """Enough trials that ASHA stops some (grace period 1 of 2 steps; a learning rate that
+    """Enough trials that ASHA stops some (grace period 1 of 4 steps; a learning rate that
     wrecks the adaptors next to a sane one): no trial ends in ERROR (a reused actor of a stopped
     trial would still hold its workers), and every trial's MLflow run is closed with its final
     status (stopped ones KILLED, not left RUNNING)."""
@@ -249,7 +249,7 @@ def test_asha_stops_trials_cleanly(root: Path, ray_cluster, tmp_path: Path) -> N
     out = tmp_path / "asha"
     rc = sweep(
         "--target", "adaptor", "--bundle", root / "init", "--data", root / "data",
-        "--out", out, "--spaces", spaces, "--samples", "4", "--max-steps", "2",
+        "--out", out, "--spaces", spaces, "--samples", "4", "--max-steps", "4",
         "--eval-every", "1", "--preset", "tiny",
     )  # fmt: skip
     assert rc == 0

@@ -292,7 +292,7 @@ def close_trial_runs(p: SweepPlan, results: Any, uri: str) -> None:
     for result in results:
         run = read_json(join(p.out, "trials", _trial_id(result), "run.json")) or {}
         if run.get("mlflow_run_id"):
-            close_run(uri, run["mlflow_run_id"], status_of[_status(result, p.req.max_steps)])
+            close_run(uri, run["mlflow_run_id"], status_of[_status(p, result)])
 
 
 def _write_outputs(p: SweepPlan, results: Any) -> SweepResult:
@@ -303,8 +303,8 @@ def _write_outputs(p: SweepPlan, results: Any) -> SweepResult:
         metrics = result.metrics or {}
         row = {
             "trial_id": _trial_id(result),
-            "status": _status(result, p.req.max_steps),
-            "step": metrics.get("step"),
+            "status": _status(p, result),
+            "step": _last_step(p, result),
             METRIC: metrics.get(METRIC),
         }
         row.update(
@@ -342,11 +342,20 @@ def _cell(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _status(result: Any, max_steps: int) -> str:
-    """error, stopped (by ASHA, before max_steps) or done."""
+def _last_step(p: SweepPlan, result: Any) -> int | None:
+    """The trial's last step: its run's summary.json when it got there, else Tune's last
+    result. ASHA's stop reaches a trial asynchronously: one stopped after step s may still
+    finish (its run then closes itself FINISHED), and Tune's last result says s."""
+    summary = read_json(join(p.out, "trials", _trial_id(result), "summary.json")) or {}
+    steps = [s for s in ((result.metrics or {}).get("step"), summary.get("global_step")) if s]
+    return max(steps) if steps else None
+
+
+def _status(p: SweepPlan, result: Any) -> str:
+    """error, stopped (by ASHA, before max_steps) or done (the run reached max_steps)."""
     if result.error:
         return "error"
-    return "done" if (result.metrics or {}).get("step", 0) >= max_steps else "stopped"
+    return "done" if (_last_step(p, result) or 0) >= p.req.max_steps else "stopped"
 
 
 def _trial_id(result: Any) -> str:

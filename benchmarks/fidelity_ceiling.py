@@ -32,22 +32,21 @@ import torch  # noqa: E402
 ROWS = ("real", "ae2d", "nhae", "refiner", "sampled")
 
 
-def decode_latents(pipe, z: torch.Tensor) -> np.ndarray:  # noqa: ANN001
-    """Decode latent slices ``(c, D, H', W')`` through the pipeline's DecM (its decode mode)."""
+def decoded(pipe, z: torch.Tensor, labels, seed: int, refine: bool) -> np.ndarray:  # noqa: ANN001
+    """Latent slices ``(c, D, H', W')`` through the sampler's own slice path
+    (:meth:`CALDMPipeline.refine_and_decode`): refined with ``labels`` first, or decoded as
+    they are."""
     from caldm.data.preprocess import from_unit_range
-    from caldm.streaming import ArraySink, SliceDecoder
+    from caldm.streaming import ArraySink
 
-    cfg = pipe.cfg
-    sink = ArraySink(tuple(cfg.model.image_shape))
+    s = pipe.cfg.sampling
+    sink = ArraySink(tuple(pipe.cfg.model.image_shape))
 
-    def emit(start: int, decoded: torch.Tensor) -> None:
-        sink(start, from_unit_range(decoded[:, 0].float().cpu()))
+    def emit(start: int, out: torch.Tensor) -> None:
+        sink(start, from_unit_range(out[:, 0].float().cpu()))
 
-    decoder = SliceDecoder(pipe.decm, z.shape[1], cfg.sampling.decode, cfg.model.k,
-                           cfg.sampling.decode_chunk, pipe.halo, emit, pipe.dtype)  # fmt: skip
-    for start in range(0, z.shape[1], cfg.sampling.slice_batch):
-        decoder.push(z[:, start : start + cfg.sampling.slice_batch].movedim(1, 0).to(pipe.dtype))
-    decoder.close()
+    pipe.refine_and_decode(z, seed, labels, s.refiner_sampler or s.sampler,
+                           s.refiner_steps or s.steps, None, emit, refine=refine)  # fmt: skip
     return sink.result()
 
 
@@ -76,16 +75,11 @@ def ceiling(
         unit = resize(to_unit_range(pair.volume), shape, order="linear")
         lat = {k: torch.from_numpy(v) for k, v in encode_volume(nets, unit, pipe.cfg).items()}
         labels = pipe.prepare_labels(pair.label, pair.label_url)
-        refined = torch.cat([
-            pipe.refine(lat["z_sr"], s, min(s + pipe.cfg.sampling.slice_batch, shape[0]), seed,
-                        labels, pipe.cfg.sampling.sampler, pipe.cfg.sampling.steps)
-            for s in range(0, shape[0], pipe.cfg.sampling.slice_batch)
-        ]).movedim(0, 1)  # fmt: skip
         versions = {
             "real": pair.volume,
-            "ae2d": decode_latents(pipe, lat["z_hr"]),
-            "nhae": decode_latents(pipe, lat["z_sr"]),
-            "refiner": decode_latents(pipe, refined.float()),
+            "ae2d": decoded(pipe, lat["z_hr"], labels, seed, refine=False),
+            "nhae": decoded(pipe, lat["z_sr"], labels, seed, refine=False),
+            "refiner": decoded(pipe, lat["z_sr"], labels, seed, refine=True),
             "sampled": pipe.sample(seed=seed, labels=labels),
         }
         for row, volume in versions.items():

@@ -46,6 +46,7 @@ def job_main(prog: str, run: Callable[[], int | None]) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
 
+
 # ------------------------------------------------- exceptions that come back through Ray
 
 

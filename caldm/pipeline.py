@@ -268,10 +268,12 @@ class CALDMPipeline:
         decode: DecodeMode | None,
         emit: Callable[[int, torch.Tensor], None],
         on_step: Callable[[int], object] | None = None,
+        refine: bool = True,
     ) -> None:
         """Refine the slices of ``z_sr`` batch by batch and stream them through DecM.
 
         ``emit(start, decoded)`` receives each decoded group ``(n, 1, H, W)`` on the device.
+        With ``refine=False`` (or without a refiner) the given latents are decoded as they are.
         """
         s = self.cfg.sampling
         d = z_sr.shape[1]
@@ -287,7 +289,7 @@ class CALDMPipeline:
         )
         for start in range(0, d, s.slice_batch):
             stop = min(start + s.slice_batch, d)
-            if "refiner" in self.modules:
+            if refine and "refiner" in self.modules:
                 z = self.refine(z_sr, start, stop, seed, labels, sampler, steps, on_step)
             else:  # nhae_diff3d: Dec2D on f_sr(z) itself
                 z = z_sr[:, start:stop].movedim(1, 0)

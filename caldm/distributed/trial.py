@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +14,9 @@ from caldm.data.io import join_url as join
 from caldm.distributed.train import StageTrainer, TrainRequest, gathered
 from caldm.search_space import overrides_of
 from caldm.validation import adaptor_windows, refiner_batch, validate_adaptor, validate_refiner
+
+if TYPE_CHECKING:  # tune imports this module
+    from caldm.distributed.tune import SweepRequest
 
 
 @dataclass
@@ -68,7 +71,7 @@ class RefinerValidation:
 
 
 def train_request(
-    req: Any,  # tune.SweepRequest
+    req: SweepRequest,
     data: str,
     out: str,
     bundle: str | None,
@@ -76,7 +79,7 @@ def train_request(
     exclude: tuple[str, ...],
     **hooks: Any,
 ) -> TrainRequest:
-    """The TrainRequest of one trial of ``req`` (a ``SweepRequest``), writing to ``out``."""
+    """The TrainRequest of one trial of ``req``, writing to ``out``."""
     return TrainRequest(
         stage=req.target,
         data=data,
@@ -97,7 +100,7 @@ def train_request(
 class TrialSetup:
     """What every trial of a sweep shares (shipped to the trial actors by Tune)."""
 
-    req: Any  # tune.SweepRequest
+    req: SweepRequest
     data: str
     out: str
     bundle: str | None

@@ -24,82 +24,120 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from caldm.config import Config, load_config, preset
+from caldm.config import Config, config_from_yaml, preset
 from caldm.data.io import join_url, read_bytes, read_json, write_bytes
-from caldm.errors import BundleError, ConfigError, DataError
-from caldm.nn.factory import COND_MODULES, MODULES, build
+from caldm.errors import BundleError, DataError
+from caldm.nn.factory import COND_MODULES, MODULES, NHAE_MODULES, build
 
 
 @dataclass
 class Bundle:
-    """A loaded bundle: its config, meta data and the modules that were asked for."""
+    """An opened bundle (:func:`open_bundle`): its config and bundle.json, read once, and the
+    modules asked for, loaded on demand and kept.
+
+    Pickled (to a Ray worker or actor) it carries its URL, config and meta data but none of
+    its loaded modules: the receiver loads what it needs itself, from storage.
+    """
 
     url: str
     cfg: Config
     meta: dict[str, Any]
-    modules: dict[str, nn.Module] = field(default_factory=dict)
+    #: config.yaml as stored: its bytes are part of :attr:`hash`
+    config_bytes: bytes = field(default=b"", repr=False)
+    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     @property
     def condition(self) -> str | None:
         return self.meta.get("condition")
 
+    @property
+    def names(self) -> list[str]:
+        """Names of the modules the bundle holds (from bundle.json, else by listing)."""
+        if "modules" in self.meta:
+            return list(self.meta["modules"])
+        fs, path = fsspec.core.url_to_fs(self.url)
+        return sorted(
+            p.rsplit("/", 1)[-1].removesuffix(".safetensors")
+            for p in fs.ls(path, detail=False)
+            if p.endswith(".safetensors")
+        )
+
+    @property
+    def hash(self) -> str:
+        """A content hash of the bundle (over its config and its modules' digests): the
+        provenance written into generated manifests."""
+        h = hashlib.sha256(self.config_bytes)
+        for name, digest in sorted(self.meta.get("sha256", {}).items()):
+            h.update(f"{name}:{digest}".encode())
+        return h.hexdigest()
+
+    def require(self, names: list[str] | tuple[str, ...], purpose: str) -> None:
+        """Raise one clear :class:`BundleError` when the bundle lacks any of ``names``."""
+        have = set(self.names)
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise BundleError(
+                f"{self.url}: bundle lacks {', '.join(missing)} needed for {purpose} "
+                f"(it has: {', '.join(sorted(have)) or 'nothing'})"
+            )
+
+    def module(self, name: str, device: str | torch.device | None = None) -> nn.Module:
+        """Module ``name`` in eval mode, loaded (on the CPU) on first use and kept; moved to
+        ``device`` when one is given."""
+        if name not in self.modules:
+            self.modules[name] = self.fresh(name).eval()
+        return self.modules[name] if device is None else self.modules[name].to(device)
+
+    def load(
+        self, names: list[str] | tuple[str, ...] | None = None, device: str | torch.device = "cpu"
+    ) -> dict[str, nn.Module]:
+        """:meth:`module` of each of ``names`` (default: every module the bundle holds), after
+        checking that the bundle has them all."""
+        names = list(names) if names is not None else self.names
+        self.require(names, "loading")
+        return {name: self.module(name, device) for name in names}
+
+    def fresh(self, name: str, cfg: Config | None = None) -> nn.Module:
+        """A new copy of module ``name`` built for ``cfg`` (default: the bundle's own) with
+        the bundle's weights, not kept: for a trainer, which changes what it holds."""
+        return load_module(self.url, name, cfg or self.cfg, self.meta)
+
     def __getitem__(self, name: str) -> nn.Module:
-        return self.modules[name]
+        return self.module(name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "modules": {}}  # weights travel through storage, not pickles
 
 
-def bundle_modules(url: str) -> list[str]:
-    """Names of the modules a bundle holds (from bundle.json, else by listing)."""
-    meta = read_meta(url)
-    if "modules" in meta:
-        return list(meta["modules"])
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.isdir(path):
-        raise BundleError(f"{url}: not a model bundle (no config.yaml)")
-    return sorted(
-        p.rsplit("/", 1)[-1].removesuffix(".safetensors")
-        for p in fs.ls(path, detail=False)
-        if p.endswith(".safetensors")
-    )
+def open_bundle(url: str | Bundle) -> Bundle:
+    """The bundle at ``url`` with its config.yaml and bundle.json read (once; a
+    :class:`Bundle` is returned as it is). BundleError when ``url`` holds no bundle."""
+    if isinstance(url, Bundle):
+        return url
+    file = join_url(url, "config.yaml")
+    try:
+        text = read_bytes(file)
+    except DataError as exc:
+        if exc.problem == "file not found":
+            raise BundleError(f"{url}: not a model bundle (no config.yaml)") from None
+        raise
+    return Bundle(url, config_from_yaml(text, file), read_meta(url), text)
 
 
 def read_meta(url: str) -> dict[str, Any]:
+    """The bundle's bundle.json (empty when it has none)."""
     return read_json(join_url(url, "bundle.json")) or {}
 
 
-def read_bundle_config(url: str) -> Config:
-    try:
-        return load_config(None, join_url(url, "config.yaml"))
-    except ConfigError as exc:
-        if "not found" in str(exc):
-            raise BundleError(f"{url}: not a model bundle (no config.yaml)") from None
-        raise
-
-
-def require(url: str, names: list[str] | tuple[str, ...], purpose: str) -> None:
-    """Raise one clear :class:`BundleError` when the bundle lacks any of ``names``."""
-    have = set(bundle_modules(url))
-    missing = [n for n in names if n not in have]
-    if missing:
-        raise BundleError(
-            f"{url}: bundle lacks {', '.join(missing)} needed for {purpose} "
-            f"(it has: {', '.join(sorted(have)) or 'nothing'})"
-        )
-
-
 def load_bundle(
-    url: str,
+    url: str | Bundle,
     names: list[str] | tuple[str, ...] | None = None,
     device: str | torch.device = "cpu",
-    cfg: Config | None = None,
 ) -> Bundle:
-    """Load ``names`` (default: every module present) onto ``device`` in eval mode."""
-    cfg = cfg or read_bundle_config(url)
-    meta = read_meta(url)
-    names = list(names) if names is not None else bundle_modules(url)
-    require(url, names, "loading")
-    bundle = Bundle(url, cfg, meta)
-    for name in names:
-        bundle.modules[name] = load_module(url, name, cfg, meta).to(device).eval()
+    """The bundle with ``names`` (default: every module present) loaded onto ``device`` in
+    eval mode."""
+    bundle = open_bundle(url)
+    bundle.load(names, device)
     return bundle
 
 
@@ -167,26 +205,14 @@ def save_bundle(
     write_bytes(join_url(url, "bundle.json"), json.dumps(meta, indent=1).encode())
 
 
-def bundle_hash(url: str) -> str:
-    """A content hash of a bundle (over its modules' digests and config)."""
-    meta = read_meta(url)
-    h = hashlib.sha256(read_bytes(join_url(url, "config.yaml")))
-    for name, digest in sorted(meta.get("sha256", {}).items()):
-        h.update(f"{name}:{digest}".encode())
-    return h.hexdigest()
-
-
-#: The modules that write the latent cache (Enc3D -> z, f_sr -> z_sr, Enc2D -> z_hr).
-NHAE_MODULES = ("enc3d", "f_sr", "enc2d")
-
-
-def nhae_hash(url: str) -> str:
+def nhae_hash(url: str | Bundle) -> str:
     """A content hash of the bundle's latent encoders (:data:`NHAE_MODULES`): equal for every
     bundle of one training chain that carries the same NHAE, whatever else it holds."""
-    digests = read_meta(url).get("sha256", {})
+    bundle = open_bundle(url)
+    digests = bundle.meta.get("sha256", {})
     missing = [n for n in NHAE_MODULES if n not in digests]
     if missing:
-        raise BundleError(f"{url}: bundle.json has no digest of {', '.join(missing)}")
+        raise BundleError(f"{bundle.url}: bundle.json has no digest of {', '.join(missing)}")
     return hashlib.sha256("".join(f"{n}:{digests[n]};" for n in NHAE_MODULES).encode()).hexdigest()
 
 

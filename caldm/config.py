@@ -490,15 +490,21 @@ def read_yaml(url: str) -> dict[str, Any]:
 
     try:
         with fsspec.open(url, "r") as fh:
-            data = yaml.safe_load(fh)
+            return _yaml_mapping(fh, url)
     except FileNotFoundError:
         raise ConfigError(f"{url}: config file not found") from None
+
+
+def _yaml_mapping(text: Any, source: str) -> dict[str, Any]:
+    """The YAML mapping in ``text`` (a string, bytes or an open file) read from ``source``."""
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{url}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{url}: expected a mapping of config keys at the top level")
+        raise ConfigError(f"{source}: expected a mapping of config keys at the top level")
     return data
 
 
@@ -512,22 +518,35 @@ def load_config(
     A file that names a ``preset`` key starts from that preset unless one is given here.
     Errors are :class:`ConfigError` with one line naming the file or key.
     """
+    file_tree = read_yaml(str(file)) if file is not None else {}
+    return _build(preset_name, file_tree, str(file) if file else "config", overrides)
+
+
+def config_from_yaml(text: str | bytes, source: str) -> Config:
+    """The config a YAML file read from ``source`` holds, as :func:`load_config` would build
+    it from that file alone (for a caller that has its bytes already)."""
+    return _build(None, _yaml_mapping(text, source), source, None)
+
+
+def _build(
+    preset_name: str | None,
+    file_tree: dict[str, Any],
+    source: str,
+    overrides: list[str] | None,
+) -> Config:
     tree: dict[str, Any] = {}
-    file_tree: dict[str, Any] = {}
-    if file is not None:
-        file_tree = read_yaml(str(file))
     base = preset_name or file_tree.get("preset")
     if base in _PRESET_BUILDERS:
         tree = preset_dict(base)
     elif base is not None and base != "custom":
         raise ConfigError(f"unknown preset {base!r}; choose one of {', '.join(PRESETS)}")
     if file_tree:
-        _validate_keys(file_tree, str(file))
+        _validate_keys(file_tree, source)
         _merge(tree, file_tree)
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return _validate(tree, str(file) if file else "config")
+    return _validate(tree, source)
 
 
 def _validate_keys(tree: dict[str, Any], source: str, prefix: str = "") -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -45,8 +45,11 @@ from caldm.diffusion.samplers import make_sampler, sample_loop
 from caldm.diffusion.schedule import NoiseSchedule
 from caldm.errors import BundleError, CaldmError
 from caldm.nn.nets.dec_m import DecM
-from caldm.stages import guide_input
+from caldm.stages import STAGES, guide_input
 from caldm.streaming import ArraySink, DecodeMode, Sink, SliceDecoder
+
+if TYPE_CHECKING:
+    from caldm.bundle import Bundle
 
 SAMPLING_MODULES = ("diff3d", "f_sr", "refiner", "dec2d", "adaptors")
 Ablation = Literal["full", "nhae_diff3d_refiner", "nhae_diff3d"]
@@ -113,9 +116,8 @@ class CALDMPipeline:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.offload = self.device.type == "cuda" if offload is None else offload
         home = "cpu" if self.offload else self.device
-        used = {*ABLATIONS[ablation], "cond_diff3d"}
-        if "refiner" in used:
-            used.add("cond_refiner")
+        used = {*ABLATIONS[ablation]}
+        used |= {STAGES[n].condition_encoder for n in ("diff3d", "refiner") if n in used}
         self.modules = {
             n: m.to(home, self.dtype).eval() for n, m in modules.items() if n in used
         }
@@ -131,40 +133,40 @@ class CALDMPipeline:
     @classmethod
     def from_bundle(
         cls,
-        url: str,
+        bundle: str | Bundle,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         halo: int | None = None,
         offload: bool | None = None,
         ablation: Ablation = "full",
     ) -> CALDMPipeline:
-        """Load the modules ``ablation`` samples with from the bundle at ``url`` (local path or
-        ``s3://``); a bundle that lacks some is named in one line with the ablations it allows."""
-        from caldm.bundle import bundle_modules, load_bundle, read_bundle_config, read_meta
+        """Load the modules ``ablation`` samples with from ``bundle`` (an opened
+        :class:`~caldm.bundle.Bundle`, or its URL: a local path or ``s3://``); a bundle that
+        lacks some is named in one line with the ablations it allows."""
+        from caldm.bundle import open_bundle
 
         if ablation not in ABLATIONS:
             raise CaldmError(f"ablation {ablation!r}: expected one of {', '.join(ABLATIONS)}")
-        cfg = read_bundle_config(url)  # "not a model bundle" before anything else
-        meta = read_meta(url)
+        source = open_bundle(bundle)  # "not a model bundle" before anything else
         names = ABLATIONS[ablation]
-        have = set(bundle_modules(url))
+        have = set(source.names)
         missing = [n for n in names if n not in have]
         if missing:
             allowed = [a for a, need in ABLATIONS.items() if have.issuperset(need)]
             raise BundleError(
-                f"{url}: bundle lacks {', '.join(missing)} needed for --ablation {ablation}"
+                f"{source.url}: bundle lacks {', '.join(missing)} needed for --ablation "
+                f"{ablation}"
                 + (f"; it can sample --ablation {' or '.join(allowed)}" if allowed else "")
             )
+        # The condition encoders of the sampled diffusion models that were trained with one.
         conds = [
-            f"cond_{n}" for n in meta.get("conditioned", []) if n in ("diff3d", "refiner")
+            STAGES[n].condition_encoder for n in source.meta.get("conditioned", []) if n in names
         ]
-        conds = [c for c in conds if c.removeprefix("cond_") in names]
-        bundle = load_bundle(url, [*names, *conds], device="cpu", cfg=cfg)
         return cls(
-            bundle.cfg,
-            bundle.modules,
-            condition=bundle.condition,
-            latent_scale=meta.get("latent_scale"),
+            source.cfg,
+            source.load([*names, *conds], device="cpu"),
+            condition=source.condition,
+            latent_scale=source.meta.get("latent_scale"),
             device=device,
             dtype=dtype,
             halo=halo,

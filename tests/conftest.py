@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -139,3 +140,21 @@ def kill_processes_using(path: str) -> None:
                 proc.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+
+
+@pytest.fixture
+def file_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts the local files opened for reading while the test runs, by path (fsspec's
+    local filesystem: what every caldm read of a local URL goes through)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    reads: Counter[str] = Counter()
+    original = LocalFileSystem._open
+
+    def counting_open(self, path, mode="rb", *args, **kwargs):
+        if "r" in mode:
+            reads[str(path)] += 1
+        return original(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", counting_open)
+    return reads

@@ -235,3 +235,35 @@ def test_complete_means_row_and_both_files(reference: str, s3_bucket: str) -> No
     ablated = Provenance(prov.bundle_url, prov.bundle_hash, prov.sampler, prov.steps, "nhae_diff3d")
     with pytest.raises(ConfigError, match="ablation full; this run .* ablation nhae_diff3d"):
         complete_samples(copy, "layers", ablated)  # one dataset, one of Table 1's rows
+
+
+def test_one_run_reads_the_bundle_config_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file_reads
+) -> None:
+    """The driver opens the bundle once (its checks, provenance hash and image shape all come
+    from that), and hands the opened bundle to the sampler actors, which read no config."""
+    import pickle
+
+    import caldm.distributed.generate as generate
+
+    bundle, labels = str(tmp_path / "bundle"), str(tmp_path / "real")
+    init_bundle("tiny", bundle, condition="layers", seed=0, cfg=_small_cfg())
+    write_phantom_dataset(labels, count=2, preset="tiny", seed=0)
+    handed: dict[str, Any] = {}
+
+    def no_cluster(todo, opened, kind, image_shape, prov, *args: Any) -> None:
+        handed.update(todo=todo, bundle=opened, kind=kind, shape=image_shape, prov=prov)
+
+    monkeypatch.setattr(generate, "_run", no_cluster)
+    config = f"{bundle}/config.yaml"
+    file_reads.clear()
+    report = generate_dataset(bundle, labels, str(tmp_path / "out"), 2, steps=2, log=lambda _: None)
+    assert report.total == 4 and len(handed["todo"]) == 4
+    assert file_reads[config] == 1, f"the driver read {config} {file_reads[config]} times"
+    # What a Ray actor receives: the opened bundle, pickled (without weights).
+    actor = generate.SamplerActor(
+        pickle.loads(pickle.dumps(handed["bundle"])), handed["kind"], handed["shape"],
+        handed["prov"],
+    )  # fmt: skip
+    assert {"diff3d", "refiner", "cond_refiner"} <= set(actor.pipeline.modules)
+    assert file_reads[config] == 1, "the sampler actor read the bundle's config again"

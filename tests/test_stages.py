@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from caldm.config import preset
+from caldm.nn.factory import NHAE_MODULES
 from caldm.stages import STAGES, StepContext, _guide, nhae_step
 
 
@@ -164,3 +165,66 @@ def test_train_dtype_is_the_configured_precision_on_every_device() -> None:
     cfg.train.precision = "bf16"
     assert train_dtype(cfg) is torch.bfloat16
     assert memory.train_dtype is engine.train_dtype is train_dtype
+
+
+def test_each_spec_carries_its_whole_contract() -> None:
+    """Every reader of a stage (train, sweep, encode, sampler, accounting) finds it in the spec:
+    a guide for the diffusion stages, validation for the swept ones, the latent encoders for
+    the stages fed by the latent cache, the modules a run loads, and an example batch."""
+    cfg = preset("tiny")
+    assert {n for n, s in STAGES.items() if s.validate} == {"adaptor", "refiner"}
+    for name, spec in STAGES.items():
+        assert spec.name == name
+        assert (spec.guide is not None) == spec.diffusion
+        assert (spec.validate is None) == (spec.held_out is None)
+        assert spec.encoders == (NHAE_MODULES if spec.dataset == "latents" else ())
+        assert spec.needs(None) == spec.frozen
+        if spec.diffusion:  # a guided fine-tune starts from the unconditional model
+            assert spec.needs("layers") == (*spec.frozen, *spec.trains)
+        condition = "layers" if spec.diffusion else None
+        batch = spec.example_batch(cfg, 3, condition=condition)
+        assert all(v.shape[0] == 3 for v in batch.values())
+        assert ("label" in batch) == spec.diffusion
+
+
+def test_spec_guides_scale_z_sr_and_put_it_before_the_condition() -> None:
+    """The refiner's guide is [z_sr * latent_scale, condition features]; Diff3D's is the
+    condition features alone."""
+    ctx = _conditioned_ctx(dropout=0.0)
+    ctx.latent_scale = 2.0
+    cond = {
+        f"cond_{n}": _Recorder(lambda lab: torch.full((lab.shape[0], 5, 3, 3), -1.0))
+        for n in ("diff3d", "refiner")
+    }
+    batch = {"z_sr": torch.full((2, 4, 3, 3), 3.0), "label": torch.zeros(2, 9, 6, 6)}
+    guide = STAGES["refiner"].guide(cond, batch, ctx, True)
+    assert (guide[:, :4] == 6).all() and (guide[:, 4:] == -1).all()
+    assert torch.equal(
+        STAGES["diff3d"].guide(cond, batch, ctx, True), torch.full((2, 5, 3, 3), -1.0)
+    )
+
+
+def test_adaptor_validation_windows_are_the_middle_slices_in_order(tmp_path) -> None:
+    """The adaptor's held-out batch: for each of the 8 middle slices its k-window (edges
+    replicated), read and resized as training reads; its validate scores DecM on them."""
+    from caldm.data.io import read_volume
+    from caldm.data.phantom import write_phantom_dataset
+    from caldm.data.preprocess import resize, to_unit_range
+    from caldm.nn.factory import build
+
+    cfg = preset("tiny")
+    write_phantom_dataset(str(tmp_path), count=1, preset="tiny", seed=0)
+    spec = STAGES["adaptor"]
+    windows = spec.held_out(str(tmp_path), ("phantom_0000",), cfg, None, 0)["windows"]
+    (d, h, w), k = cfg.model.image_shape, cfg.model.k
+    assert windows.shape == (1, 8, k, 1, h, w)
+    volume, _ = read_volume(str(tmp_path / "images" / "phantom_0000.nii.gz"))
+    volume = torch.from_numpy(resize(to_unit_range(volume), (d, h, w), order="linear"))
+    for j, centre in enumerate(range(d // 2 - 4, d // 2 + 4)):
+        for i in range(k):  # position i of window j: slice centre + i - k // 2
+            assert torch.equal(windows[0, j, i, 0], volume[min(max(centre + i - k // 2, 0), d - 1)])
+    torch.manual_seed(0)
+    mods = {n: build(n, cfg).eval() for n in ("enc2d", "dec2d", "adaptors")}
+    metrics = spec.validate(mods, {"windows": windows}, StepContext(cfg))
+    assert metrics["val_score"] == metrics["val_rec"] + metrics["val_consistency"]
+    assert metrics["val_rec"] > 0 and metrics["val_consistency"] > 0

@@ -32,7 +32,6 @@ from caldm.stages import (
     STAGES,
     StepContext,
     discriminator_loss,
-    example_batch,
     train_dtype,
 )
 
@@ -65,7 +64,7 @@ def stage_step_setup(stage: str, cfg: Config, condition: str | None = None) -> d
         schedule=NoiseSchedule.from_config(cfg.diffusion),
         condition=condition,
     )
-    batch = example_batch(stage, cfg, device="meta", dtype=dtype, condition=condition)
+    batch = spec.example_batch(cfg, device="meta", dtype=dtype, condition=condition)
     return {"mods": mods, "ctx": ctx, "batch": batch, "trained": trained, "dtype": dtype}
 
 

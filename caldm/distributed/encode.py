@@ -29,12 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from caldm.bundle import NHAE_MODULES, nhae_hash, read_bundle_config, require
+from caldm.bundle import Bundle, nhae_hash, open_bundle
 from caldm.errors import BundleError
+from caldm.stages import STAGES
 
 log = logging.getLogger("caldm.encode")
 
-NEEDS = NHAE_MODULES
+#: The modules that write the cache: the encoders of the diffusion stages it feeds (both
+#: stages read one cache, so they name the same ones).
+NEEDS = STAGES["diff3d"].encoders
 KEYS = ("z", "z_sr", "z_hr")
 
 
@@ -60,12 +63,12 @@ class LatentEncoder:
     """A Ray Data actor: encodes (or reads back) the latents of a batch of volume ids and
     returns per-volume sums for the statistics."""
 
-    def __init__(self, bundle: str, data: str, out: str, slice_batch: int = 32) -> None:
-        from caldm.bundle import load_bundle
+    def __init__(self, bundle: str | Bundle, data: str, out: str, slice_batch: int = 32) -> None:
         from caldm.data.layout import DatasetLayout
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.nets = load_bundle(bundle, NEEDS, device=self.device)
+        self.nets = open_bundle(bundle)
+        self.nets.load(NEEDS, device=self.device)
         self.cfg = self.nets.cfg
         self.layout = DatasetLayout(data)
         self.out = out
@@ -131,7 +134,7 @@ def check_nhae(latents: str, expected: str) -> None:
 
 
 def encode_latents(
-    bundle: str,
+    bundle: str | Bundle,
     data: str,
     out: str,
     actors: int = 1,
@@ -141,7 +144,8 @@ def encode_latents(
     views: int | None = None,
 ) -> dict:
     """Cache z, z_sr and z_hr of every volume of ``data`` (and of its shifted views) under
-    ``out``; returns the stats.
+    ``out``; returns the stats. ``bundle`` is an opened :class:`~caldm.bundle.Bundle` or its
+    URL.
 
     ``ids`` / ``exclude`` narrow the volumes (e.g. a split's train part); ``views`` overrides
     the bundle's ``data.augment.views``. Raises a BundleError before any work when the bundle
@@ -158,12 +162,13 @@ def encode_latents(
     from caldm.data.io import write_bytes
     from caldm.data.layout import DatasetLayout, select_ids
     from caldm.distributed.cluster import ensure_ray
-    from caldm.distributed.train import absolute
+    from caldm.distributed.plan import absolute, opened
 
-    bundle, data, out = absolute(bundle), absolute(data), absolute(out)
+    bundle = opened(bundle)
+    data, out = absolute(data), absolute(out)
     ids = select_ids(DatasetLayout(data).ids(), ids, exclude, what=f"--ids (volumes of {data})")
-    require(bundle, NEEDS, "encoding latents (the trained NHAE and slice encoder)")
-    cfg = read_bundle_config(bundle)
+    bundle.require(NEEDS, "encoding latents (the trained NHAE and slice encoder)")
+    cfg = bundle.cfg.model_copy(deep=True)  # --views changes this run, not the bundle
     if views is not None:
         cfg.data.augment.views = views
     cache_ids = [view_id(i, rows) for i in ids for rows in view_shifts(cfg)]
@@ -191,7 +196,7 @@ def encode_latents(
         var = math.fsum(r[f"{key}_sumsq"] for r in stats_rows) / n - mean * mean
         stats[key] = {"mean": float(mean), "std": float(np.sqrt(max(var, 0.0)))}
     cached = sum(bool(r["cached"]) for r in stats_rows)
-    write_latent_source(out, data, bundle=bundle)
+    write_latent_source(out, data, bundle=bundle.url)
     write_bytes(f"{out}/stats.json", json.dumps(stats, indent=1).encode())
     log.warning("encoded %d volumes and views (%d already cached) of %d volumes to %s",
                 len(cache_ids) - cached, cached, len(ids), out)  # fmt: skip

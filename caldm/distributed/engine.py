@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from caldm.bundle import bundle_modules, load_module
 from caldm.bundle import save_bundle as _save_bundle
 from caldm.config import Config
 from caldm.data.io import join_url as join
@@ -49,23 +48,20 @@ def build_stage_modules(p: TrainPlan) -> tuple[nn.ModuleDict, dict[str, nn.Modul
     unconditional diffusion UNet from the bundle gets zero-initialised extra input channels
     (:func:`widen_input`), so fine-tuning starts from exactly the unconditional model.
     """
-    spec, cfg, meta = p.spec, p.cfg, p.bundle_meta
-    have = set(meta.get("modules", [])) if p.bundle else set()
+    spec, cfg, bundle = p.spec, p.cfg, p.bundle
+    have = set(bundle.names) if bundle else set()
     torch.manual_seed(cfg.train.seed)
     trainable = nn.ModuleDict()
     for name in spec.trainable(p.condition):
         if name not in have:
             trainable[name] = build(name, cfg, condition=p.condition, num_classes=p.num_classes)
             continue
-        module = load_module(p.bundle, name, cfg, meta)
-        if p.condition and name in spec.trains and name not in meta.get("conditioned", []):
+        module = bundle.fresh(name, cfg)
+        if p.condition and name in spec.trains and name not in bundle.meta.get("conditioned", []):
             widen_input(module, cfg.model.condition.channels)
         trainable[name] = module
     # Without a bundle (benchmarks only: plan() requires one) frozen modules are random.
-    frozen = {
-        name: load_module(p.bundle, name, cfg, meta) if p.bundle else build(name, cfg)
-        for name in spec.frozen
-    }
+    frozen = {name: bundle.fresh(name, cfg) if bundle else build(name, cfg) for name in spec.frozen}
     for module in frozen.values():
         module.requires_grad_(False).eval()
     return trainable, frozen
@@ -341,11 +337,12 @@ def export_bundle(p: TrainPlan, trained: dict[str, nn.Module]) -> None:
     """Write ``<out>/bundle``: the trained modules plus every other module of ``--bundle``
     (frozen ones included), its latent scales and condition, so the next stage or the
     sampler can use it alone."""
-    meta, inherited = p.bundle_meta, {}
-    if p.bundle:
-        for name in bundle_modules(p.bundle):
-            if name not in trained:
-                inherited[name] = load_module(p.bundle, name, p.cfg, meta)
+    meta = p.bundle.meta if p.bundle else {}
+    inherited = {
+        name: p.bundle.fresh(name, p.cfg)
+        for name in (p.bundle.names if p.bundle else [])
+        if name not in trained
+    }
     conditioned = [p.stage] if p.condition else []
     meta_update: dict[str, Any] = {
         k: meta[k] for k in ("latent_scale", "conditioned", "condition", "num_classes") if k in meta

@@ -43,7 +43,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -64,6 +64,9 @@ from caldm.data.labels import read_label_map, resize_to_image
 from caldm.data.layout import DatasetLayout
 from caldm.errors import BundleError, ConfigError, DataError, caldm_cause, one_line
 from caldm.progress import RateProgress
+
+if TYPE_CHECKING:
+    from caldm.bundle import Bundle
 
 SAMPLERS = ("ddim", "dpm++", "ddpm")  # caldm.diffusion.samplers.SAMPLERS (no torch import here)
 #: Test hook: ``<sample_id>[:n],...`` makes sampling those samples raise (the first n attempts;
@@ -126,7 +129,7 @@ class SamplerActor:
 
     def __init__(
         self,
-        bundle: str,
+        bundle: str | Bundle,
         kind: LabelKind,
         image_shape: tuple[int, int, int],
         prov: Provenance,
@@ -207,12 +210,13 @@ def _free_accelerator_memory() -> None:
 
 
 def resolve_provenance(
-    bundle: str, sampler: str | None, steps: int | None, ablation: str = "full"
+    bundle: str | Bundle, sampler: str | None, steps: int | None, ablation: str = "full"
 ) -> Provenance:
     """Sampler and steps (defaults from the bundle's config) and the bundle's content hash."""
-    from caldm.bundle import bundle_hash, read_bundle_config
+    from caldm.bundle import open_bundle
 
-    cfg = read_bundle_config(bundle)
+    bundle = open_bundle(bundle)
+    cfg = bundle.cfg
     sampler = sampler or cfg.sampling.sampler
     if sampler not in SAMPLERS:
         raise ConfigError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
@@ -223,25 +227,26 @@ def resolve_provenance(
 
     if ablation not in ABLATIONS:
         raise ConfigError(f"--ablation {ablation!r}: expected one of {', '.join(ABLATIONS)}")
-    return Provenance(bundle.rstrip("/"), bundle_hash(bundle), sampler, int(steps), ablation)
+    return Provenance(bundle.url.rstrip("/"), bundle.hash, sampler, int(steps), ablation)
 
 
-def bundle_condition(bundle: str) -> LabelKind:
-    """The label kind ``bundle`` was fine-tuned on; BundleError when it has none."""
-    from caldm.bundle import read_bundle_config, read_meta
+def bundle_condition(bundle: str | Bundle) -> LabelKind:
+    """The label kind ``bundle`` was fine-tuned on; BundleError when it has none (or when it
+    is not a bundle at all)."""
+    from caldm.bundle import open_bundle
 
-    read_bundle_config(bundle)  # a clear error when it is not a bundle at all
-    condition = read_meta(bundle).get("condition")
+    bundle = open_bundle(bundle)
+    condition = bundle.condition
     if condition not in ("layers", "vessels"):
         raise BundleError(
-            f"{bundle}: the bundle has no label condition (fine-tune diff3d and refiner with "
+            f"{bundle.url}: the bundle has no label condition (fine-tune diff3d and refiner with "
             "--condition layers|vessels); label-guided generation needs one"
         )
     return condition
 
 
 def generate_dataset(
-    bundle: str,
+    bundle: str | Bundle,
     labels: str,
     out: str,
     per_label: int,
@@ -256,7 +261,8 @@ def generate_dataset(
     ids: list[str] | None = None,
     exclude: list[str] | None = None,
 ) -> GenerateReport:
-    """Sample ``per_label`` volumes per label at ``labels`` into ``out`` (module docstring).
+    """Sample ``per_label`` volumes per label at ``labels`` into ``out`` (module docstring)
+    with ``bundle`` (opened, or its URL: its config and meta are read once per run).
 
     Everything that can fail on bad arguments (bundle without a condition, no labels, ``out``
     made by another model) fails before any cluster work. Labels that fail, and samples that
@@ -268,12 +274,12 @@ def generate_dataset(
         raise ConfigError(f"--per-label must be >= 1, got {per_label}")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
-    from caldm.bundle import read_bundle_config
+    from caldm.bundle import open_bundle
 
-    out = out.rstrip("/")
+    out, bundle = out.rstrip("/"), open_bundle(bundle)
     kind = bundle_condition(bundle)
     prov = resolve_provenance(bundle, sampler, steps, ablation)
-    image_shape = tuple(read_bundle_config(bundle).model.image_shape)
+    image_shape = tuple(bundle.cfg.model.image_shape)
     plan = plan_samples(DatasetLayout(labels), kind, per_label)
     if ids is not None or exclude:  # --ids / --exclude: of the label volumes
         from caldm.data.layout import select_ids
@@ -308,7 +314,7 @@ def generate_dataset(
 
 def _run(
     todo: list[dict[str, Any]],
-    bundle: str,
+    bundle: Bundle,
     kind: LabelKind,
     image_shape: tuple[int, ...],
     prov: Provenance,

@@ -11,11 +11,11 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from caldm.bundle import read_bundle_config, read_meta, require
+from caldm.bundle import Bundle, nhae_hash, open_bundle
 from caldm.config import Config, load_config
 from caldm.data.io import join_url as join
 from caldm.data.io import list_dir, read_json
@@ -69,7 +69,7 @@ class TrainRequest:
     data: str
     out: str
     preset: str | None = "tiny"
-    bundle: str | None = None
+    bundle: str | Bundle | None = None  # a URL, or the bundle opened already
     condition: str | None = None
     config_file: str | None = None
     overrides: tuple[str, ...] = ()
@@ -101,8 +101,7 @@ class TrainPlan:
     cfg: Config  # resolved; cfg.stage == stage; --zero-stage and --max-steps applied
     data: str  # absolute local path or URL
     out: str
-    bundle: str | None
-    bundle_meta: dict[str, Any] = field(default_factory=dict)
+    bundle: Bundle | None  # --bundle, opened: config and meta (workers load its modules)
     condition: str | None = None
     num_classes: int | None = None
     latent_scale: float = 1.0  # diffusion stages: 1 / std of the cached latents
@@ -129,6 +128,12 @@ def absolute(url: str) -> str:
     if "://" in url and not url.startswith("file://"):
         return url.rstrip("/")
     return str(Path(url.removeprefix("file://")).expanduser().resolve())
+
+
+def opened(bundle: str | Bundle) -> Bundle:
+    """``bundle`` opened (its config and meta read once; a local path made absolute first);
+    a :class:`Bundle` as it is."""
+    return bundle if isinstance(bundle, Bundle) else open_bundle(absolute(bundle))
 
 
 #: Config keys a resume may change: how long and how often, not what is trained or how.
@@ -202,36 +207,37 @@ def latent_stats(latents: str) -> dict[str, Any]:
     return stats
 
 
-def _layer_classes(latents: str, bundle: str | None, meta: dict[str, Any]) -> int:
+def _layer_classes(latents: str, bundle: Bundle | None) -> int:
     """Layer classes of a layers-conditioned run: counted in the labels of the dataset the
     latents were encoded from; a bundle already conditioned on layers must agree with them."""
     from caldm.data.datasets import num_layer_classes, read_latent_source
 
     source = read_latent_source(latents)["data"]
     classes = num_layer_classes(source)
+    meta = bundle.meta if bundle is not None else {}
     have = meta.get("num_classes") if meta.get("condition") == "layers" else None
     if have is not None and int(have) != classes:
         raise DataError(
             f"{source.rstrip('/')}/labels/layers",
-            f"labels have {classes} layer classes, but bundle {bundle} was conditioned on "
+            f"labels have {classes} layer classes, but bundle {bundle.url} was conditioned on "
             f"{have}; use labels with {have} classes or a bundle trained on these",
         )
     return classes
 
 
-def _check_bundle_model(bundle: str, cfg: Config, fresh: tuple[str, ...] = ()) -> Config:
-    """The bundle's config; a ConfigError when its networks differ from the run's.
+def _check_bundle_model(bundle: Bundle, cfg: Config, fresh: tuple[str, ...] = ()) -> Config:
+    """The run's config; a ConfigError when the bundle's networks differ from the run's.
 
     ``fresh`` names modules the run trains from scratch (absent from the bundle): the config
     keys that shape only them may differ.
     """
-    have = read_bundle_config(bundle).flat()
+    have = bundle.cfg.flat()
     free = _MODEL_KEYS_FREE + tuple(k for m in fresh for k in _MODEL_KEYS_OF.get(m, ()))
     for key, value in cfg.flat().items():
         if key.startswith("model.") and not key.startswith(free):
             if have.get(key) != value:
                 raise ConfigError(
-                    f"{bundle}: bundle was made for another model ({key} = {have.get(key)!r}, "
+                    f"{bundle.url}: bundle was made for another model ({key} = {have.get(key)!r}, "
                     f"this run has {value!r}); use the bundle's preset (--preset "
                     f"{have.get('preset')})"
                 )
@@ -273,7 +279,6 @@ def plan(req: TrainRequest) -> TrainPlan:
         cfg.train.max_steps = req.max_steps
 
     out, data = absolute(req.out), absolute(req.data)
-    bundle = absolute(req.bundle) if req.bundle else None
     previous = read_json(join(out, "run.json"))
     if previous is not None and (
         previous.get("stage") != req.stage or previous.get("condition") != req.condition
@@ -283,26 +288,26 @@ def plan(req: TrainRequest) -> TrainPlan:
             f"(condition {previous.get('condition')}); choose another --out"
         )
 
-    meta: dict[str, Any] = {}
-    needed = list(spec.frozen) + (list(spec.trains) if req.condition else [])
+    bundle = opened(req.bundle) if req.bundle else None
+    needed = spec.needs(req.condition)
     if needed and bundle is None:
         raise BundleError(f"stage {req.stage} needs --bundle with {', '.join(needed)}")
     if bundle is not None:
         what = f"stage {req.stage} (frozen: {', '.join(spec.frozen) or 'none'})"
         if req.condition:
             what += f" with --condition (starts from the unconditional {spec.trains[0]})"
-        require(bundle, needed, what)
-        meta = read_meta(bundle)
+        bundle.require(needed, what)
+        meta = bundle.meta
         fresh = tuple(m for m in spec.trains if m not in meta.get("modules", []))
         _check_bundle_model(bundle, cfg, fresh)
         conditioned = spec.diffusion and spec.trains[0] in meta.get("conditioned", [])
         if req.condition and meta.get("condition") not in (None, req.condition):
             raise BundleError(
-                f"{bundle}: bundle is conditioned on {meta['condition']}, not {req.condition}"
+                f"{bundle.url}: bundle is conditioned on {meta['condition']}, not {req.condition}"
             )
         if conditioned and not req.condition:
             raise BundleError(
-                f"{bundle}: its {spec.trains[0]} is label-conditioned on {meta['condition']}; "
+                f"{bundle.url}: its {spec.trains[0]} is label-conditioned on {meta['condition']}; "
                 f"pass --condition {meta['condition']}"
             )
 
@@ -319,15 +324,13 @@ def plan(req: TrainRequest) -> TrainPlan:
     if spec.diffusion:
         training_dataset(req.stage, data, cfg, req.condition, exclude, 0, req.workers)
         std = latent_stats(data)["z" if req.stage == "diff3d" else "z_hr"]["std"]
-        from caldm.bundle import NHAE_MODULES, nhae_hash
-
-        if bundle is not None and set(NHAE_MODULES) <= set(meta.get("sha256", {})):
+        if bundle is not None and set(spec.encoders) <= set(bundle.meta.get("sha256", {})):
             from caldm.distributed.encode import check_nhae  # latents of this bundle's NHAE
 
             check_nhae(data, nhae_hash(bundle))
         latent_scale = 1.0 / max(float(std), 1e-8)
         if req.condition == "layers":
-            num_classes = _layer_classes(data, bundle, meta)
+            num_classes = _layer_classes(data, bundle)
             cfg.model.condition.layer_classes = num_classes
     else:
         training_dataset(req.stage, data, cfg, None, exclude, 0, req.workers)
@@ -338,7 +341,6 @@ def plan(req: TrainRequest) -> TrainPlan:
         data=data,
         out=out,
         bundle=bundle,
-        bundle_meta=meta,
         condition=req.condition,
         num_classes=num_classes,
         latent_scale=latent_scale,

@@ -13,68 +13,43 @@ import torch
 from caldm.data.io import join_url as join
 from caldm.distributed.train import StageTrainer, TrainRequest, gathered
 from caldm.search_space import overrides_of
-from caldm.validation import adaptor_windows, refiner_batch, validate_adaptor, validate_refiner
 
 if TYPE_CHECKING:  # tune imports this module
+    from caldm.bundle import Bundle
     from caldm.distributed.tune import SweepRequest
 
 
 @dataclass
-class AdaptorValidation:
-    """:func:`~caldm.validation.validate_adaptor` on every rank of a trial, with the ZeRO-3
-    partitions of the adaptors gathered; the held-out windows are read once per trial."""
+class HeldOutValidation:
+    """The trained stage's ``validate`` on its ``held_out`` batch
+    (:class:`~caldm.stages.StageSpec`) on every rank of a trial, with the weights the stage
+    exports: a diffusion stage's float32 EMA, else its trained modules with their ZeRO-3
+    partitions gathered. The held-out batch is built once per trial."""
 
     data: str
     ids: tuple[str, ...]
-    slices: int = 8
-    consistency_weight: float = 1.0
-    _windows: list[torch.Tensor] = field(default_factory=list, repr=False)
-
-    @torch.no_grad()
-    def __call__(self, trainer: StageTrainer) -> dict[str, float]:
-        from caldm.nn.nets.dec_m import DecM
-
-        if not self._windows:
-            self._windows = adaptor_windows(self.data, self.ids, trainer.cfg, self.slices)
-        enc2d, dec2d = trainer.model.others["enc2d"], trainer.model.others["dec2d"]
-        adaptors = trainer.model.trainable["adaptors"]
-        with gathered(list(adaptors.parameters()), trainer.zero3):
-            return validate_adaptor(
-                enc2d, DecM(dec2d, adaptors), self._windows, trainer.device, trainer.dtype,
-                self.consistency_weight,
-            )  # fmt: skip
-
-
-@dataclass
-class RefinerValidation:
-    """:func:`~caldm.validation.validate_refiner` of the refiner's float32 EMA weights (what
-    the stage exports) on every rank; the held-out batch is built once per trial."""
-
-    latents: str
-    ids: tuple[str, ...]
     condition: str | None = None
-    slices: int = 8
-    timesteps: int = 4
     seed: int = 0
     _batch: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @torch.no_grad()
     def __call__(self, trainer: StageTrainer) -> dict[str, float]:
-        ctx = trainer.ctx
+        spec = trainer.spec
         if not self._batch:
-            self._batch = refiner_batch(
-                self.latents, self.ids, trainer.cfg, self.condition,
-                ctx.schedule.num_train_timesteps, self.slices, self.timesteps, self.seed,
-            )  # fmt: skip
+            self._batch = spec.held_out(self.data, self.ids, trainer.cfg, self.condition, self.seed)
         batch = {k: v.to(trainer.device) for k, v in self._batch.items()}
-        return validate_refiner(trainer.ema_modules(), batch, ctx)
+        if spec.diffusion:
+            return spec.validate(trainer.ema_modules(), batch, trainer.ctx)
+        trained = trainer.model.trainable
+        with gathered(list(trained.parameters()), trainer.zero3):
+            return spec.validate({**trainer.model.others, **trained}, batch, trainer.ctx)
 
 
 def train_request(
     req: SweepRequest,
     data: str,
     out: str,
-    bundle: str | None,
+    bundle: str | Bundle | None,
     overrides: list[str],
     exclude: tuple[str, ...],
     **hooks: Any,

@@ -4,7 +4,8 @@ Each trial is one run of the stage trainer of ``jobs/train_stage.py`` (:func:`tr
 TorchTrainer with DeepSpeed engines) started from a Tune function trainable, the Ray 2.60
 pattern; ``TuneReportCallback`` forwards the workers' reports to Tune. At every checkpoint the
 trial's workers evaluate on held-out volumes (the last ``holdout`` ids, never trained on) with
-the metrics of :mod:`caldm.validation`; the search space is parsed by :mod:`caldm.search_space`.
+the target stage's own ``validate`` (:class:`~caldm.stages.StageSpec`); the search space is
+parsed by :mod:`caldm.search_space`.
 
 ASHA stops poor trials; ``concurrency`` trials run at once (the caller's choice, never read
 from the resources present at start: on an autoscaling cluster the pending trials grow it).
@@ -28,20 +29,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from caldm.bundle import load_bundle, read_meta, require
+from caldm.bundle import Bundle
 from caldm.config import load_config
 from caldm.data.datasets import cached_ids
 from caldm.data.io import join_url as join
 from caldm.data.io import read_json, write_bytes, write_json
 from caldm.data.layout import DatasetLayout
+from caldm.distributed.plan import opened
 from caldm.distributed.train import _storage, absolute, plan
-from caldm.distributed.trial import (
-    AdaptorValidation,
-    RefinerValidation,
-    TrialSetup,
-    run_trial,
-    train_request,
-)
+from caldm.distributed.trial import HeldOutValidation, TrialSetup, run_trial, train_request
 from caldm.errors import CaldmError, ConfigError, DataError, root_cause
 from caldm.search_space import Domain, decode, load_space, overrides_of
 from caldm.stages import STAGES
@@ -49,7 +45,7 @@ from caldm.validation import METRIC
 
 log = logging.getLogger("caldm.sweep")
 
-TARGETS = ("adaptor", "refiner")
+TARGETS = tuple(name for name, spec in STAGES.items() if spec.validate)  # adaptor, refiner
 SEARCHES = ("random", "optuna")
 
 
@@ -102,7 +98,7 @@ class SweepPlan:
     req: SweepRequest
     out: str
     data: str
-    bundle: str
+    bundle: Bundle
     space: dict[str, Domain]
     base_overrides: list[str]  # the request's --set plus the evaluation cadence
     holdout_ids: tuple[str, ...]
@@ -117,7 +113,8 @@ def check(req: SweepRequest) -> SweepPlan:
         raise ConfigError(f"--target {req.target!r}: choose one of {', '.join(TARGETS)}")
     if req.search not in SEARCHES:
         raise ConfigError(f"--search {req.search!r}: choose one of {', '.join(SEARCHES)}")
-    if req.condition and req.target != "refiner":
+    spec = STAGES[req.target]
+    if req.condition and not spec.diffusion:
         raise ConfigError(f"--condition: only the refiner is label-conditioned, not {req.target}")
     for name, value in (
         ("--samples", req.samples),
@@ -128,23 +125,22 @@ def check(req: SweepRequest) -> SweepPlan:
             raise ConfigError(f"{name} {value}: need at least 1")
     if req.holdout < 1:
         raise ConfigError(f"--holdout {req.holdout}: validation needs at least one volume")
-    out, data, bundle = absolute(req.out), absolute(req.data), absolute(req.bundle)
+    out, data = absolute(req.out), absolute(req.data)
     base = load_config(req.preset, None, list(req.overrides))
     eval_every = req.eval_every or base.train.checkpoint_every
     base_overrides = [*req.overrides, f"train.checkpoint_every={eval_every}"]
     space = load_space(req.spaces, req.target, req.preset, base_overrides, req.condition)
 
-    needs = STAGES[req.target].frozen + (("refiner",) if req.condition else ())
     what = f"the {req.target} sweep" + (" with --condition" if req.condition else "")
-    require(bundle, needs, what)
-    if req.target == "adaptor":
-        ids = DatasetLayout(data).ids()
-    else:  # volumes, not their shifted views: a held-out volume holds out its views
-        ids = cached_ids(data, views=False)
-    if not ids and req.target == "refiner":
+    bundle = opened(req.bundle)
+    bundle.require(spec.needs(req.condition), what)
+    latents = spec.dataset == "latents"
+    # volumes, not their shifted views: a held-out volume holds out its views
+    ids = cached_ids(data, views=False) if latents else DatasetLayout(data).ids()
+    if not ids and latents:
         raise DataError(data, "no latent cache (<id>.safetensors); run jobs/encode_latents.py")
     if len(ids) <= req.holdout:
-        kind = "volumes" if req.target == "adaptor" else "cached latents"
+        kind = "cached latents" if latents else "volumes"
         raise DataError(data, f"{len(ids)} {kind}: need more than --holdout {req.holdout}")
     holdout_ids = tuple(ids[-req.holdout :])  # deterministic: the last ids
     # The train loop's own checks (bundle model, data, latent stats, labels), without trials.
@@ -160,12 +156,12 @@ def check(req: SweepRequest) -> SweepPlan:
     return SweepPlan(req, out, data, bundle, space, base_overrides, holdout_ids, eval_every)
 
 
-def _identity(req: SweepRequest, bundle: str, data: str) -> dict[str, Any]:
+def _identity(req: SweepRequest, bundle: Bundle, data: str) -> dict[str, Any]:
     return {
         "target": req.target,
         "preset": req.preset,
         "condition": req.condition,
-        "bundle": bundle,
+        "bundle": bundle.url,
         "data": data,
     }
 
@@ -176,17 +172,17 @@ def base_bundle(p: SweepPlan) -> str | None:
     ``<out>/base_bundle``; None when a trial needs nothing (the unconditional refiner)."""
     from caldm.bundle import save_bundle
 
-    needs = STAGES[p.req.target].frozen + (("refiner",) if p.req.condition else ())
+    needs = STAGES[p.req.target].needs(p.req.condition)
     if not needs:
         return None
     url = join(p.out, "base_bundle")
     if read_json(join(url, "bundle.json")) is None:
-        src, meta = load_bundle(p.bundle, needs), read_meta(p.bundle)
+        meta = p.bundle.meta
         keep = ("latent_scale", "num_classes", "conditioned")
         save_bundle(
             url,
-            src.cfg,
-            src.modules,
+            p.bundle.cfg,
+            p.bundle.load(needs),
             condition=meta.get("condition"),
             num_classes=meta.get("num_classes"),
             meta_update={k: meta[k] for k in keep if k in meta},
@@ -217,10 +213,7 @@ def sweep(req: SweepRequest) -> SweepResult:
     uri = check_store(p.out, nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
     record = {"identity": _identity(req, p.bundle, p.data), "request": req.__dict__}
     write_json(join(p.out, "sweep.json"), record)
-    if req.target == "adaptor":
-        evaluate: Any = AdaptorValidation(p.data, p.holdout_ids)
-    else:
-        evaluate = RefinerValidation(p.data, p.holdout_ids, req.condition, seed=req.seed)
+    evaluate = HeldOutValidation(p.data, p.holdout_ids, req.condition, seed=req.seed)
     setup = TrialSetup(
         req=req,
         data=p.data,

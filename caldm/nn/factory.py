@@ -23,6 +23,9 @@ from caldm.nn.nets.refiner import DiffSlice
 
 MODULES = ("enc2d", "dec2d", "enc3d", "f_sr", "adaptors", "diff3d", "refiner")
 COND_MODULES = ("cond_diff3d", "cond_refiner")
+#: The modules that write the latent cache the diffusion stages train on (Enc3D -> z,
+#: f_sr -> z_sr, Enc2D -> z_hr).
+NHAE_MODULES = ("enc3d", "f_sr", "enc2d")
 
 
 def build(

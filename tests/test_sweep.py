@@ -263,3 +263,75 @@ def test_asha_stops_trials_cleanly(root: Path, ray_cluster, tmp_path: Path) -> N
             "mlflow_run_id"
         ]
         assert client.get_run(run_id).info.status == expect[row["status"]], row
+
+
+def test_sweep_killed_mid_trial_resumes(root: Path, ray_cluster, tmp_path: Path) -> None:
+    """The sweep's driver is killed (SIGKILL, as a lost head node or a cancelled job) while a
+    trial is between checkpoints; the same command again resumes the experiment: the killed
+    trial continues from its newest checkpoint in its own run directory and MLflow run, no
+    trial ends in ERROR, and every MLflow run is closed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    out = tmp_path / "killed"
+    args = [
+        "--target", "adaptor", "--bundle", root / "init", "--data", root / "data",
+        "--out", out, "--samples", "2", "--max-steps", "4", "--eval-every", "1",
+        "--preset", "tiny",
+    ]  # fmt: skip
+
+    def registered() -> dict[str, int]:
+        """Trials with a checkpoint Ray Train has recorded (the newest step), unfinished."""
+        found = {}
+        for snap in out.glob("trials/*/adaptor/checkpoint_manager_snapshot.json"):
+            try:
+                results = json.loads(snap.read_text())["checkpoint_results"]
+            except (ValueError, KeyError):  # being written
+                continue
+            steps = [r["metrics"]["step"] for r in results]
+            if steps and max(steps) < 4:
+                found[snap.parents[1].name] = max(steps)
+        return found
+
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tuning" / "sweep.py"), *map(str, args)],
+        env={**os.environ, "RAY_ADDRESS": ray_cluster},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (killed := registered()):
+            assert proc.poll() is None, f"the sweep ended early (rc {proc.returncode})"
+            assert time.monotonic() < deadline, "no trial checkpointed within 240 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run_ids = {
+        t: json.loads((out / "trials" / t / "run.json").read_text())["mlflow_run_id"]
+        for t in killed
+    }
+
+    assert sweep(*args) == 0
+    rows = {r["trial_id"]: r for r in read_trials(out)}
+    assert len(rows) == 2 and set(killed) <= set(rows), (killed, rows)
+    assert all(r["status"] in ("done", "stopped") for r in rows.values()), rows
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    expect = {"done": "FINISHED", "stopped": "KILLED"}
+    for trial, step in killed.items():
+        row = rows[trial]
+        run = json.loads((out / "trials" / trial / "run.json").read_text())
+        assert run["mlflow_run_id"] == run_ids[trial]  # the same run, continued
+        assert client.get_run(run_ids[trial]).info.status == expect[row["status"]], row
+        # Trials run one at a time, so the killed one was first at every ASHA rung: it ran
+        # to its end, from its checkpoint rather than from step 0.
+        assert row["status"] == "done", row
+        summary = json.loads((out / "trials" / trial / "summary.json").read_text())
+        assert summary["global_step"] == 4 and summary["resumed_from_step"] >= step, summary

@@ -15,7 +15,8 @@ scored (Dice, boundary MAD) against the volume's own label:
 | sampled | the full sampler guided by the label | what generation gives |
 
 A row far below the one above it names the stage that loses the label. The bundle must be a
-conditioned (``layers``) bundle with the refiner, the adaptors and the NHAE encoders.
+conditioned bundle with the refiner, the adaptors and the NHAE encoders; a ``vessels`` bundle
+is scored with IoU-A, IoU-V and the en-face vessel contrast instead of Dice and MAD.
 """
 
 from __future__ import annotations
@@ -50,28 +51,69 @@ def decoded(pipe, z: torch.Tensor, labels, seed: int, refine: bool) -> np.ndarra
     return sink.result()
 
 
+class RowScores:
+    """One row's per-volume scores for the bundle's task: Dice and boundary MAD (layers), or
+    IoU-A, IoU-V and the en-face vessel contrast (vessels)."""
+
+    def __init__(self, task: str, num_classes: int) -> None:
+        from caldm import metrics
+
+        self.task = task
+        if task == "layers":
+            self.dice, self.mad = metrics.MeanDice(num_classes), metrics.BoundaryMAD(num_classes)
+        else:
+            self.iou = metrics.ArteryVeinIoU()
+            self.contrast: list[float] = []
+
+    def __call__(self, pred: np.ndarray, label: np.ndarray, volume: np.ndarray) -> None:
+        from caldm.metrics import vessel_contrast
+
+        if self.task == "layers":
+            self.dice(pred, label)
+            self.mad(pred, label)
+        else:
+            self.iou(pred, label)
+            self.contrast.append(vessel_contrast(volume, label))
+
+    def summary(self) -> dict:
+        from caldm.segmentation import nan_mean_std
+
+        if self.task == "layers":
+            values = {"dice": self.dice.values, "mad": self.mad.values}
+        else:
+            values = {k: [v[k] for v in self.iou.values] for k in ("iou_a", "iou_v")}
+            values["vessel_contrast"] = self.contrast
+        out = {k: nan_mean_std(v) for k, v in values.items()}
+        out["n"] = len(next(iter(values.values())))
+        return out
+
+
 @torch.inference_mode()
 def ceiling(
     bundle: str, heldout: str, segmenter: str, seed: int = 0, guidance: float | None = None
 ) -> dict[str, dict]:
-    """``{row: {"dice": {"mean", "std"}, "mad": {...}, "n"}}`` over the held-out volumes."""
+    """``{row: {metric: {"mean", "std"}, ..., "n"}}`` over the held-out volumes; the metrics
+    are those of the bundle's condition (layers: dice, mad; vessels: iou_a, iou_v,
+    vessel_contrast)."""
     from caldm.bundle import load_bundle
     from caldm.data.io import read_bytes
     from caldm.data.preprocess import resize, to_unit_range
     from caldm.distributed.encode import NEEDS, encode_volume
-    from caldm.metrics import BoundaryMAD, MeanDice
     from caldm.nn.nets.segmenter import segment_volume, segmenter_from_bytes
     from caldm.pipeline import CALDMPipeline
-    from caldm.segmentation import iter_pairs, nan_mean_std
+    from caldm.segmentation import iter_pairs
 
     model, seg_cfg = segmenter_from_bytes(read_bytes(segmenter), segmenter)
     pipe = CALDMPipeline.from_bundle(bundle, device="cpu", offload=False)
+    task = pipe.condition
+    if task != seg_cfg.task:
+        raise SystemExit(f"{segmenter}: a {seg_cfg.task} segmenter for a {task} bundle")
     if guidance is not None:
         pipe.cfg.sampling.guidance_scale = guidance
     nets = load_bundle(bundle, NEEDS, device="cpu")
     shape = tuple(pipe.cfg.model.image_shape)
-    scores = {r: (MeanDice(seg_cfg.num_classes), BoundaryMAD(seg_cfg.num_classes)) for r in ROWS}
-    for pair in iter_pairs(heldout, "layers", seg_cfg.num_classes):
+    scores = {r: RowScores(task, seg_cfg.num_classes) for r in ROWS}
+    for pair in iter_pairs(heldout, task, seg_cfg.num_classes):
         unit = resize(to_unit_range(pair.volume), shape, order="linear")
         lat = {k: torch.from_numpy(v) for k, v in encode_volume(nets, unit, pipe.cfg).items()}
         labels = pipe.prepare_labels(pair.label, pair.label_url)
@@ -83,34 +125,37 @@ def ceiling(
             "sampled": pipe.sample(seed=seed, labels=labels),
         }
         for row, volume in versions.items():
-            if volume.shape != pair.label.shape:
-                volume = resize(volume.astype(np.float32), pair.label.shape, order="linear")
-            pred = segment_volume(model, seg_cfg, np.asarray(volume))
-            for scorer in scores[row]:
-                scorer(pred, pair.label)
+            if volume.shape != pair.volume.shape:
+                volume = resize(volume.astype(np.float32), pair.volume.shape, order="linear")
+            volume = np.asarray(volume)
+            scores[row](segment_volume(model, seg_cfg, volume), pair.label, volume)
         print(f"fidelity_ceiling: {pair.id} done", file=sys.stderr)
-    return {
-        row: {"dice": nan_mean_std(d.values), "mad": nan_mean_std(m.values), "n": len(d.values)}
-        for row, (d, m) in scores.items()
-    }
+    return {row: s.summary() for row, s in scores.items()}
 
 
 def markdown(result: dict[str, dict], bundle: str, heldout: str) -> str:
+    from caldm.segmentation import METRIC_NAMES
+
+    keys = [k for k in result["real"] if k != "n"]
+    first = keys[0]
+    names = [METRIC_NAMES.get(k, k.replace("_", " ")) for k in keys]
     lines = [f"Bundle `{bundle}`, held-out volumes `{heldout}` ({result['real']['n']}).", "",
-             "| row | Dice | MAD (px) | Dice / real |", "|---|---|---|---|"]
-    real = result["real"]["dice"]["mean"]
+             "| row | " + " | ".join(names) + f" | {names[0]} / real |",
+             "|---|" + "---|" * (len(keys) + 1)]
+    real = result["real"][first]["mean"]
     for row in ROWS:
-        d, m = result[row]["dice"], result[row]["mad"]
-        lines.append(f"| {row} | {d['mean']:.3f} ± {d['std']:.3f} | {m['mean']:.2f} ± "
-                     f"{m['std']:.2f} | {d['mean'] / real:.2f} |")
+        cells = [f"{result[row][k]['mean']:.3f} ± {result[row][k]['std']:.3f}" for k in keys]
+        ratio = result[row][first]["mean"] / real
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {ratio:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", required=True, help="conditioned (layers) bundle")
-    parser.add_argument("--heldout", required=True, help="held-out real dataset with layer labels")
+    parser.add_argument("--bundle", required=True, help="conditioned (layers or vessels) bundle")
+    parser.add_argument("--heldout", required=True,
+                        help="held-out real dataset (labels of the bundle's kind)")
     parser.add_argument("--segmenter", required=True, help="segmenter file (jobs/downstream.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float,

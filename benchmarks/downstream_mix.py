@@ -1,0 +1,106 @@
+"""How the share of real planes in a Real+Syn training set moves Table 2, at two budgets.
+
+    python benchmarks/downstream_mix.py OUT [--task layers|vessels] [--steps 150,400] [--seeds 2]
+
+``OUT`` is a finished main job (``jobs/pipeline.py --out OUT``): its ``downstream/real``,
+``downstream/synthetic`` and ``data/heldout`` are the Real, Syn and test sets of its Table 2.
+Every row trains the same segmenter (:func:`caldm.nn.nets.segmenter.train_segmenter`: same
+budget, seeds and batch) and scores it on the held-out real volumes:
+
+| row | training planes | share of real draws |
+|---|---|---|
+| real | the real volumes | 1 |
+| syn | the synthetic volumes | 0 |
+| real+syn uniform | both, every plane equally likely (as jobs/downstream.py) | n_real / n_all |
+| real+syn balanced | both, the real planes listed twice | about 1/2 for 200% Syn |
+
+A synthetic set that adds what the real one lacks lifts the mixed rows above ``real``; one
+whose pairs disagree with their labels pulls them below it, more the larger its share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+
+import numpy as np  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", help="a finished main job's --out")
+    p.add_argument("--task", choices=("layers", "vessels"), default="layers")
+    p.add_argument("--steps", default="150,400", help="comma-separated budgets (steps)")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--markdown", help="also write the table to this file")
+    a = p.parse_args(argv)
+
+    from caldm.nn.nets.segmenter import SegmenterConfig, plane_shape_for, train_segmenter
+    from caldm.segmentation import (
+        METRIC_KEYS,
+        METRIC_NAMES,
+        iter_pairs,
+        nan_mean_std,
+        num_classes_of,
+        planes_of,
+        score_segmenter,
+    )
+
+    real_root = f"{a.out}/downstream/real"
+    classes = num_classes_of(real_root, a.task)
+    real = list(iter_pairs(real_root, a.task, classes))
+    syn = list(iter_pairs(f"{a.out}/downstream/synthetic", a.task, classes))
+    test = list(iter_pairs(f"{a.out}/data/heldout", a.task, classes))
+    cfg = SegmenterConfig(a.task, classes, plane_shape_for(real[0].volume.shape, a.task))
+    r, s = planes_of(real, cfg), planes_of(syn, cfg)
+
+    def cat(*sets):  # noqa: ANN002, ANN202
+        return np.concatenate([x.images for x in sets]), np.concatenate([x.labels for x in sets])
+
+    rows = {
+        "real": cat(r),
+        "syn": cat(s),
+        "real+syn uniform": cat(r, s),
+        "real+syn balanced": cat(r, r, s),
+    }
+    keys = METRIC_KEYS[a.task]
+    lines = [
+        f"{a.task}: {len(real)} real / {len(syn)} synthetic training volumes, {len(test)} "
+        f"held-out real test volumes, {a.seeds} seeds, batch 8",
+        "",
+        "| row | steps | real share | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
+        "|---|---|---|" + "---|" * len(keys),
+    ]
+    print("\n".join(lines), flush=True)
+    t0 = time.perf_counter()
+    for steps in (int(x) for x in a.steps.split(",")):
+        for name, (images, labels) in rows.items():
+            runs = [
+                score_segmenter(
+                    train_segmenter(images.astype(np.float32), labels, cfg, steps, seed=seed),
+                    cfg,
+                    test,
+                )
+                for seed in range(a.seeds)
+            ]
+            copies = {"real": 1, "syn": 0, "real+syn uniform": 1, "real+syn balanced": 2}
+            share = copies[name] * len(r.images) / len(images)
+            cells = []
+            for k in keys:
+                m = nan_mean_std([run[k]["mean"] for run in runs])
+                cells.append(f"{m['mean']:.3f} ± {m['std']:.3f}")
+            line = f"| {name} | {steps} | {share:.2f} | " + " | ".join(cells) + " |"
+            lines.append(line)
+            print(line, flush=True)
+    lines += ["", f"wall time: {time.perf_counter() - t0:.0f} s"]
+    print(lines[-1])
+    if a.markdown:
+        Path(a.markdown).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

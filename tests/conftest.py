@@ -82,8 +82,13 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
     for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s raylet start wait
         try:
             # 4 logical CPUs on 2 cores: a 2-worker training still fits if an earlier job left
-            # a task leased (ray_resources_returned below names the test in CALDM_LEAK_LOG)
-            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+            # a task leased (ray_resources_returned below names the test in CALDM_LEAK_LOG).
+            # With the dashboard, as a real cluster has it: Ray Train's placement-group cleaner
+            # asks the State API whether a trial's controller died (ASHA stopped it), and
+            # without one the trial's placement group is never given back.
+            ray.init(
+                address="local", num_cpus=4, log_to_driver=False, dashboard_port=free_port()
+            )
             break
         except Exception as exc:
             ray.shutdown()
@@ -122,7 +127,33 @@ def ray_resources_returned(request: pytest.FixtureRequest) -> Iterator[None]:
         message = f"{request.node.nodeid}: {held} CPU of the session cluster still held"
         warnings.warn(message, stacklevel=1)  # in the run's warnings summary
         with open(os.environ.get("CALDM_LEAK_LOG", os.devnull), "a") as log:
-            log.write(message + "\n")
+            log.write(message + "\n" + _holders())
+
+
+def _holders() -> str:
+    """What holds the cluster's CPUs: live actors and placement groups, a line each (read
+    from the GCS tables, which answer even when the dashboard does not)."""
+    import ray
+    from ray._private.state import actors
+
+    lines = [
+        f"  actor {a['ActorClassName']} {actor_id[:8]} {a['State']}"
+        for actor_id, a in actors().items()
+        if a["State"] not in ("DEAD",)
+    ]
+    for pg_id, pg in ray.util.placement_group_table().items():
+        if pg.get("state") != "REMOVED":
+            lines.append(f"  placement group {pg_id[:8]} {pg.get('state')} {pg.get('bundles')}")
+    return "".join(line + "\n" for line in lines)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a Ray head's ports)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def kill_processes_using(path: str) -> None:

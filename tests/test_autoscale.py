@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import kill_processes_using
+from conftest import free_port, kill_processes_using
 
 from caldm.bundle import init_bundle
 from caldm.config import Config, preset_dict
@@ -88,12 +87,6 @@ def _config(gcs_address: str) -> dict[str, Any]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[str]:
     """The fake autoscaling cluster; this process is connected to it (RAY_ADDRESS)."""
@@ -104,7 +97,7 @@ def cluster(tmp_path_factory) -> Iterator[str]:
         pytest.skip("needs its own Ray: run alone (make test-autoscale)")
     log_dir = tmp_path_factory.mktemp("autoscale")
     ip = ray._private.services.get_node_ip_address()
-    port, dash, dash_agent, client, metrics = (_free_port() for _ in range(5))
+    port, dash, dash_agent, client, metrics = (free_port() for _ in range(5))
     address = f"{ip}:{port}"
     config = log_dir / "autoscaling.json"
     config.write_text(json.dumps(_config(address)))

@@ -335,3 +335,25 @@ def test_sweep_killed_mid_trial_resumes(root: Path, ray_cluster, tmp_path: Path)
         assert row["status"] == "done", row
         summary = json.loads((out / "trials" / trial / "summary.json").read_text())
         assert summary["global_step"] == 4 and summary["resumed_from_step"] >= step, summary
+
+
+def test_sweep_warns_when_the_state_api_is_unreachable(ray_cluster, monkeypatch, caplog) -> None:
+    """Without the State API Ray Train cannot give back an ASHA-stopped trial's placement
+    group: the sweep says so in one line (the session cluster has the API: no warning)."""
+    import ray.util.state
+
+    from caldm.distributed.tune import _warn_without_state_api
+
+    with caplog.at_level("WARNING", logger="caldm.sweep"):
+        _warn_without_state_api()
+    assert not caplog.records
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise ray.util.state.exception.ServerUnavailable("no dashboard")
+
+    monkeypatch.setattr(ray.util.state, "list_actors", unreachable)
+    with caplog.at_level("WARNING", logger="caldm.sweep"):
+        _warn_without_state_api()
+    (record,) = caplog.records
+    assert "State API is not reachable (ServerUnavailable)" in record.getMessage()
+    assert "start Ray with its dashboard" in record.getMessage()

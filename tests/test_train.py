@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import kill_processes_using
+from conftest import free_port, kill_processes_using
 from safetensors.numpy import load_file
 
 from caldm.bundle import init_bundle, load_bundle, read_meta, save_bundle
@@ -359,12 +359,6 @@ def test_help_needs_no_cluster() -> None:
 # --------------------------------------------------------------------------- ray job submit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _node_ip() -> str:
     import ray._private.services
 
@@ -375,7 +369,7 @@ def _node_ip() -> str:
 def ray_head(tmp_path: Path, s3_server: str):
     """``ray start --head`` in its own process group; killed by that group (never ``ray stop``,
     which would also stop every other Ray on the machine)."""
-    port, dash, agent, client = (_free_port() for _ in range(4))
+    port, dash, agent, client = (free_port() for _ in range(4))
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",

@@ -209,6 +209,7 @@ def sweep(req: SweepRequest) -> SweepResult:
 
     p = check(req)
     ray = ensure_ray()
+    _warn_without_state_api()
     # Trials (and their workers) run on any node: a SQLite store only works on one.
     uri = check_store(p.out, nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
     record = {"identity": _identity(req, p.bundle, p.data), "request": req.__dict__}
@@ -274,6 +275,24 @@ def sweep(req: SweepRequest) -> SweepResult:
     results = tuner.fit()
     close_trial_runs(p, results, uri)
     return _write_outputs(p, results)
+
+
+def _warn_without_state_api() -> None:
+    """Ray Train gives back the placement group of a trial ASHA stopped only when its cleaner
+    can ask the State API (the dashboard) that the trial's controller died; without it each
+    stopped trial keeps its CPUs and GPUs until the sweep ends."""
+    import ray
+    from ray.util.state import list_actors
+
+    try:
+        address = ray.get_runtime_context().gcs_address
+        list_actors(address=address, limit=1, timeout=10, raise_on_missing_output=False)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same to the user
+        log.warning(
+            "Ray's State API is not reachable (%s): trials that ASHA stops will keep their "
+            "resources until the sweep ends; start Ray with its dashboard",
+            type(exc).__name__,
+        )
 
 
 def close_trial_runs(p: SweepPlan, results: Any, uri: str) -> None:

@@ -72,7 +72,8 @@ def test_training_keeps_the_secret_key_out_of_the_cluster_view(
 ) -> None:
     """A training run driven with a sentinel secret key and session token: neither appears in
     the runtime envs Ray records (the runtime env agent logs every one it creates), the job
-    table, or anything the run wrote."""
+    table, the actors, tasks and jobs the State API lists in detail (`ray list ... --detail`),
+    or anything the run wrote."""
     import ray
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SENTINEL)
@@ -86,6 +87,17 @@ def test_training_keeps_the_secret_key_out_of_the_cluster_view(
     assert glob.glob(f"{session}/logs/runtime_env_agent*.log")  # where runtime envs land
     assert _files_holding(session, SENTINEL) == []
     assert SENTINEL not in repr(ray._private.state.state.job_table())
+    # What `ray list actors/tasks/jobs --detail` shows (the State API of the session cluster)
+    from ray.util.state import list_actors, list_jobs, list_tasks
+
+    address = ray.get_runtime_context().gcs_address
+    seen = [
+        list_actors(address=address, detail=True, limit=10_000),
+        list_tasks(address=address, detail=True, limit=10_000),
+        list_jobs(address=address, detail=True),
+    ]
+    assert all(len(rows) > 0 for rows in seen[:2])  # the run's actors and tasks are listed
+    assert SENTINEL not in repr(seen)
     assert _files_holding(str(out), SENTINEL) == []
 
 

@@ -242,8 +242,12 @@ def test_asha_stops_trials_cleanly(root: Path, ray_cluster, tmp_path: Path) -> N
     wrecks the adaptors next to a sane one): no trial ends in ERROR (a reused actor of a stopped
     trial would still hold its workers), and every trial's MLflow run is closed with its final
     status (stopped ones KILLED, not left RUNNING)."""
-    import mlflow
+    import time
 
+    import mlflow
+    import ray
+
+    before = set(ray.util.placement_group_table())
     spaces = tmp_path / "spaces.yaml"
     spaces.write_text("adaptor:\n  train.lr: {choice: [1.0e-4, 3.0]}\n")
     out = tmp_path / "asha"
@@ -263,6 +267,16 @@ def test_asha_stops_trials_cleanly(root: Path, ray_cluster, tmp_path: Path) -> N
             "mlflow_run_id"
         ]
         assert client.get_run(run_id).info.status == expect[row["status"]], row
+    # A stopped trial's placement group is given back (Ray Train's cleaner removes it once it
+    # sees the trial's controller dead), not held until the session ends.
+    deadline = time.monotonic() + 30
+    while held := [
+        pg_id
+        for pg_id, pg in ray.util.placement_group_table().items()
+        if pg_id not in before and pg.get("state") != "REMOVED"
+    ]:
+        assert time.monotonic() < deadline, f"placement groups still held: {held}"
+        time.sleep(0.5)
 
 
 def test_sweep_killed_mid_trial_resumes(root: Path, ray_cluster, tmp_path: Path) -> None:

@@ -164,9 +164,9 @@ def encode_latents(
     from caldm.distributed.cluster import ensure_ray
     from caldm.distributed.plan import absolute, opened
 
-    bundle = opened(bundle)
     data, out = absolute(data), absolute(out)
     ids = select_ids(DatasetLayout(data).ids(), ids, exclude, what=f"--ids (volumes of {data})")
+    bundle = opened(bundle)  # after the ids: a wrong --ids is named before anything else
     bundle.require(NEEDS, "encoding latents (the trained NHAE and slice encoder)")
     cfg = bundle.cfg.model_copy(deep=True)  # --views changes this run, not the bundle
     if views is not None:

@@ -1,0 +1,67 @@
+"""What the slice autoencoder alone keeps: Dec2D(Enc2D(x)) of held-out volumes, scored.
+
+    python benchmarks/ae2d_ceiling.py --bundle B --heldout DATA --segmenter FILE
+
+For a bundle with ``enc2d`` and ``dec2d`` (an ``ae2d`` run's bundle is enough: no adaptors, no
+diffusion), every held-out volume with layer and vessel labels is encoded and decoded slice by
+slice and compared with itself: layer Dice of a layers segmenter (``jobs/downstream.py``'s
+``segmenter_real.safetensors``) on the volume and on its reconstruction, the en-face vessel
+contrast of both (:func:`caldm.metrics.vessel_contrast`), and their total variation. Any sampler
+decodes through this autoencoder, so these bound what synthetic volumes can show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+@torch.inference_mode()
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", required=True, help="bundle with enc2d and dec2d")
+    p.add_argument("--heldout", required=True, help="held-out dataset with layer and vessel labels")
+    p.add_argument("--segmenter", required=True, help="layers segmenter file")
+    a = p.parse_args(argv)
+
+    from caldm.bundle import load_bundle
+    from caldm.data.io import read_bytes
+    from caldm.data.preprocess import from_unit_range, to_unit_range
+    from caldm.metrics import MeanDice, total_variation, vessel_contrast
+    from caldm.nn.nets.segmenter import segment_volume, segmenter_from_bytes
+    from caldm.segmentation import iter_pairs
+
+    nets = load_bundle(a.bundle, ["enc2d", "dec2d"])
+    model, cfg = segmenter_from_bytes(read_bytes(a.segmenter), a.segmenter)
+    dice = {"real": MeanDice(cfg.num_classes), "rec": MeanDice(cfg.num_classes)}
+    contrast: dict[str, list[float]] = {"real": [], "rec": []}
+    tv: dict[str, list[float]] = {"real": [], "rec": []}
+    layers = iter_pairs(a.heldout, "layers", cfg.num_classes)
+    vessels = iter_pairs(a.heldout, "vessels", 3)
+    for pl, pv in zip(layers, vessels, strict=True):
+        x = torch.from_numpy(to_unit_range(pl.volume).astype(np.float32))[:, None]
+        z = torch.cat([nets["enc2d"](chunk)[0] for chunk in x.split(32)])
+        dec = torch.cat([nets["dec2d"](chunk) for chunk in z.split(32)])
+        rec = from_unit_range(dec[:, 0].clamp(-1, 1).numpy())
+        for name, volume in (("real", pl.volume), ("rec", rec)):
+            dice[name](segment_volume(model, cfg, volume), pl.label)
+            contrast[name].append(vessel_contrast(volume, pv.label))
+            tv[name].append(total_variation(to_unit_range(volume) * 0.5 + 0.5))
+    m = {k: {n: float(np.mean(v)) for n, v in d.items()} for k, d in
+         (("dice", {n: s.values for n, s in dice.items()}), ("contrast", contrast), ("tv", tv))}
+    print(f"| bundle | layer Dice (real {m['dice']['real']:.3f}) | vessel contrast "
+          f"(real {m['contrast']['real']:.2f}) | TV ratio |")
+    print("|---|---|---|---|")
+    print(f"| {a.bundle} | {m['dice']['rec']:.3f} | {m['contrast']['rec']:.2f} | "
+          f"{m['tv']['rec'] / m['tv']['real']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

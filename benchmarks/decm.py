@@ -40,10 +40,10 @@ from caldm.bundle import load_bundle  # noqa: E402
 from caldm.data.datasets import SliceWindowDataset  # noqa: E402
 from caldm.data.preprocess import to_unit_range  # noqa: E402
 from caldm.nn.factory import build  # noqa: E402
+from caldm.nn.inferers import SliceDecoder  # noqa: E402
 from caldm.nn.losses import HybridLoss  # noqa: E402
 from caldm.nn.nets.dec_m import DecM  # noqa: E402
 from caldm.stages import StepContext, adaptor_step  # noqa: E402
-from caldm.streaming import SliceDecoder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPES = {  # name: (form, alpha_init, training chunk or None for the decode chunk)

@@ -38,7 +38,7 @@ def decoded(pipe, z: torch.Tensor, labels, seed: int, refine: bool) -> np.ndarra
     (:meth:`CALDMPipeline.refine_and_decode`): refined with ``labels`` first, or decoded as
     they are."""
     from caldm.data.preprocess import from_unit_range
-    from caldm.streaming import ArraySink
+    from caldm.data.sinks import ArraySink
 
     s = pipe.cfg.sampling
     sink = ArraySink(tuple(pipe.cfg.model.image_shape))

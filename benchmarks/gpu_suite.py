@@ -81,6 +81,7 @@ from caldm.data.io import write_volume  # noqa: E402
 from caldm.data.preprocess import from_unit_range  # noqa: E402
 from caldm.diffusion.schedule import NoiseSchedule  # noqa: E402
 from caldm.nn.factory import build  # noqa: E402
+from caldm.nn.inferers import SliceDecoder  # noqa: E402
 from caldm.nn.losses import HybridLoss  # noqa: E402
 from caldm.pipeline import (  # noqa: E402
     LATENT_MODULES,
@@ -95,7 +96,6 @@ from caldm.stages import (  # noqa: E402
     example_batch,
     train_dtype,
 )
-from caldm.streaming import SliceDecoder  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 2**30

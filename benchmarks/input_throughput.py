@@ -35,8 +35,8 @@ import torch
 from caldm.bench.memory import stage_step_flops
 from caldm.config import STAGES, preset
 from caldm.data import corpus as C
-from caldm.data.datasets import latent_url, write_latents
 from caldm.data.io import write_volume
+from caldm.data.latents import latent_url, write_latents
 from caldm.data.layout import DatasetLayout
 from caldm.stages import stage_dataset
 

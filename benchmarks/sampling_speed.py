@@ -37,8 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from caldm.bundle import init_bundle
 from caldm.config import preset
 from caldm.data.preprocess import from_unit_range
+from caldm.nn.inferers import SliceDecoder
 from caldm.pipeline import CALDMPipeline
-from caldm.streaming import SliceDecoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLERS = (("ddim", 200), ("dpm++", 20))

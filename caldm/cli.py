@@ -75,8 +75,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from caldm.data.io import nifti_stem, read_label
     from caldm.data.phantom import phantom_affine
+    from caldm.data.sinks import NiftiSink
     from caldm.pipeline import CALDMPipeline
-    from caldm.streaming import NiftiSink
 
     if nifti_stem(args.out.rstrip("/").rsplit("/", 1)[-1]) is None:
         raise CaldmError(f"{args.out}: expected a .nii or .nii.gz output file name")

@@ -4,7 +4,7 @@ z ~ Diff3D -> z_sr = f_sr(z) -> z_hr_i ~ Diff_slice(. | z_sr_i) for every slice,
 slices per network call -> x_i = DecM(z_hr around i) -> a sink. The latent stages hold the
 whole latent (c, D', H', W') and z_sr (c, D, H', W'); after them only a window of slices is on
 the device: a batch of slices is refined through all its denoising steps, its latents go to the
-streaming decoder (:mod:`caldm.streaming`), which decodes whatever it can and hands image
+streaming decoder (:mod:`caldm.nn.inferers`), which decodes whatever it can and hands image
 slices to the sink on the host. Peak memory therefore does not grow with D beyond the latents.
 
 Randomness: the Diff3D noise comes from ``(seed, 0)``, the noise of refined slice i from
@@ -41,12 +41,13 @@ from tqdm.auto import tqdm
 from caldm.config import Config
 from caldm.data.labels import PreparedLabels, prepare_labels
 from caldm.data.preprocess import from_unit_range
+from caldm.data.sinks import ArraySink, Sink
 from caldm.diffusion.samplers import make_sampler, sample_loop
 from caldm.diffusion.schedule import NoiseSchedule
 from caldm.errors import BundleError, CaldmError
+from caldm.nn.inferers import DecodeMode, SliceDecoder
 from caldm.nn.nets.dec_m import DecM
 from caldm.stages import STAGES, guide_input
-from caldm.streaming import ArraySink, DecodeMode, Sink, SliceDecoder
 
 if TYPE_CHECKING:
     from caldm.bundle import Bundle

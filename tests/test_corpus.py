@@ -14,8 +14,8 @@ import torch
 
 from caldm.config import preset
 from caldm.data import corpus as C
-from caldm.data.datasets import latent_url, write_latent_source, write_latents
 from caldm.data.io import read_volume
+from caldm.data.latents import latent_url, write_latent_source, write_latents
 from caldm.data.layout import DatasetLayout
 from caldm.data.phantom import write_phantom_dataset
 from caldm.data.preprocess import resize, to_unit_range

@@ -18,10 +18,7 @@ from caldm.data.datasets import (
     LatentDataset,
     SliceWindowDataset,
     ThumbnailSliceDataset,
-    latent_url,
     num_layer_classes,
-    write_latent_source,
-    write_latents,
 )
 from caldm.data.io import (
     read_label,
@@ -30,6 +27,7 @@ from caldm.data.io import (
     url_exists,
     write_volume,
 )
+from caldm.data.latents import latent_url, write_latent_source, write_latents
 from caldm.data.layout import DatasetLayout
 from caldm.data.octa500 import import_octa500
 from caldm.data.phantom import make_phantom, volume_seed, write_phantom_dataset

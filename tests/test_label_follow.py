@@ -29,18 +29,10 @@ import torch
 
 from caldm.anatomy import depth_shift, edge_mad, shift_label
 from caldm.config import preset
-from caldm.data.datasets import (
-    BScanDataset,
-    LatentDataset,
-    ThumbnailSliceDataset,
-    latent_url,
-    view_id,
-    view_shifts,
-    write_latent_source,
-    write_latents,
-)
+from caldm.data.datasets import BScanDataset, LatentDataset, ThumbnailSliceDataset
 from caldm.data.io import read_label, read_volume
 from caldm.data.labels import prepare_labels, shift_depth
+from caldm.data.latents import latent_url, view_id, view_shifts, write_latent_source, write_latents
 from caldm.data.layout import DatasetLayout
 from caldm.data.phantom import write_phantom_dataset
 from caldm.data.preprocess import from_unit_range, to_unit_range

@@ -126,7 +126,8 @@ def test_augmentation_moves_latents_and_label_together(tmp_path) -> None:
     rows carries its label cells (2 per latent row) with it; flips mirror both."""
     import itertools
 
-    from caldm.data.datasets import LatentDataset, latent_url, write_latent_source, write_latents
+    from caldm.data.datasets import LatentDataset
+    from caldm.data.latents import latent_url, write_latent_source, write_latents
     from caldm.data.phantom import write_phantom_dataset
 
     cfg = preset("tiny")
@@ -171,7 +172,7 @@ def test_train_plan_takes_the_class_count_from_data_and_bundle(tmp_path) -> None
     import json
 
     from caldm.bundle import init_bundle
-    from caldm.data.datasets import latent_url, write_latent_source, write_latents
+    from caldm.data.latents import latent_url, write_latent_source, write_latents
     from caldm.data.phantom import write_phantom_dataset
     from caldm.distributed.train import TrainRequest, plan
 
@@ -205,8 +206,10 @@ def test_shifted_views_carry_their_moved_label(tmp_path) -> None:
     """A cache view ``<id>~dy<r>`` is the volume moved down r image rows before encoding; its
     label is the volume's label moved by as much (at the label's own resolution), and a
     held-out volume's views are held out with it."""
-    from caldm.data.datasets import (
-        LatentDataset,
+    from caldm.data.datasets import LatentDataset
+    from caldm.data.io import read_label
+    from caldm.data.labels import encoder_grid, reduce_label, shift_depth
+    from caldm.data.latents import (
         latent_url,
         parse_view,
         view_id,
@@ -214,8 +217,6 @@ def test_shifted_views_carry_their_moved_label(tmp_path) -> None:
         write_latent_source,
         write_latents,
     )
-    from caldm.data.io import read_label
-    from caldm.data.labels import encoder_grid, reduce_label, shift_depth
     from caldm.data.phantom import write_phantom_dataset
     from caldm.distributed.plan import training_dataset
 

@@ -20,9 +20,9 @@ from caldm.data.io import read_volume, write_volume
 from caldm.data.phantom import LAYER_NAMES, make_phantom, phantom_affine
 from caldm.errors import CaldmError, DataError
 from caldm.nn.factory import build
+from caldm.nn.inferers import SliceDecoder
 from caldm.nn.nets.dec_m import DecM
 from caldm.pipeline import CALDMPipeline
-from caldm.streaming import SliceDecoder
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2

@@ -122,9 +122,10 @@ def test_refiner_items_pair_slice_i_latents_with_slice_i_label(tmp_path) -> None
     """A refiner item holds z_sr/z_hr of slice i and the label reduced from B-scan i."""
     import numpy as np
 
-    from caldm.data.datasets import LatentDataset, write_latent_source, write_latents
+    from caldm.data.datasets import LatentDataset
     from caldm.data.io import write_volume
     from caldm.data.labels import encoder_grid, reduce_label
+    from caldm.data.latents import write_latent_source, write_latents
 
     cfg = preset("tiny")
     cfg.data.augment.shift = 0.0  # alignment alone: no joint shift

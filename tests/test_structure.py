@@ -26,7 +26,6 @@ FLOORS: dict[str, int] = {
     "caldm.anatomy": 3,
     "caldm.preview": 3,
     "caldm.metrics": 4,
-    "caldm.streaming": 4,
     "caldm.validation": 4,
     "caldm.bundle": 5,
     "caldm.stages": 5,

@@ -18,7 +18,7 @@ import yaml
 
 from caldm.bundle import init_bundle, save_bundle
 from caldm.config import load_config, preset
-from caldm.data.datasets import latent_url, write_latent_source, write_latents
+from caldm.data.latents import latent_url, write_latent_source, write_latents
 from caldm.data.phantom import write_phantom_dataset
 from caldm.errors import ConfigError
 from caldm.nn.factory import build

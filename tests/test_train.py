@@ -207,7 +207,7 @@ def test_adaptor_zero3_trains_adaptors_only(adaptor_run: Path, nhae_run: Path) -
 def test_encode_latents_cache_stats_and_rerun(
     latents: Path, root: Path, adaptor_run, capsys
 ) -> None:
-    from caldm.data.datasets import view_id
+    from caldm.data.latents import view_id
 
     ids = sorted(p.stem.split(".")[0] for p in (root / "data" / "images").glob("*.nii.gz"))
     views = sorted(view_id(i, r) for i in ids for r in (0, 4))  # --views 1: half a latent pixel

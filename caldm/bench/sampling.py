@@ -7,8 +7,8 @@ import torch
 
 from caldm.bench.meta import PeakMemory, module_bytes, tensor_bytes
 from caldm.config import Config
+from caldm.nn.inferers import DecodeMode
 from caldm.pipeline import LATENT_MODULES, SAMPLING_MODULES, SLICE_MODULES, CALDMPipeline
-from caldm.streaming import DecodeMode
 
 
 def sampling_memory(

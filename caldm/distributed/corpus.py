@@ -54,7 +54,7 @@ def volume_shards(
     if lat:
         from safetensors.numpy import load
 
-        from caldm.data.datasets import latent_url
+        from caldm.data.latents import latent_url
 
         tensors = load(read_bytes(latent_url(latents, sample_id)))
         for stage in lat:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from caldm.bundle import Bundle, nhae_hash, open_bundle
-from caldm.errors import BundleError
+from caldm.data.latents import KEYS, STATS_FILE, check_nhae
 from caldm.stages import STAGES
 
 log = logging.getLogger("caldm.encode")
@@ -38,7 +38,6 @@ log = logging.getLogger("caldm.encode")
 #: The modules that write the cache: the encoders of the diffusion stages it feeds (both
 #: stages read one cache, so they name the same ones).
 NEEDS = STAGES["diff3d"].encoders
-KEYS = ("z", "z_sr", "z_hr")
 
 
 @torch.no_grad()
@@ -79,9 +78,9 @@ class LatentEncoder:
     @torch.no_grad()
     def encode(self, cache_id: str) -> dict[str, np.ndarray]:
         """The three latents of one volume or shifted view (float32 numpy)."""
-        from caldm.data.datasets import parse_view
         from caldm.data.io import read_volume
         from caldm.data.labels import shift_depth
+        from caldm.data.latents import parse_view
         from caldm.data.preprocess import resize, to_unit_range
 
         sample_id, rows = parse_view(cache_id)
@@ -96,8 +95,8 @@ class LatentEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from safetensors.numpy import load
 
-        from caldm.data.datasets import latent_url, write_latents
         from caldm.data.io import read_bytes, url_exists
+        from caldm.data.latents import latent_url, write_latents
 
         rows: dict[str, list[Any]] = {"id": [], "cached": []}
         for sample_id in batch["id"]:
@@ -117,20 +116,6 @@ class LatentEncoder:
                 for stat, value in (("n", x.size), ("sum", x.sum()), ("sumsq", (x * x).sum())):
                     rows.setdefault(f"{key}_{stat}", []).append(value)
         return {k: np.asarray(v) for k, v in rows.items()}
-
-
-def check_nhae(latents: str, expected: str) -> None:
-    """Refuse a latent cache written by other encoders than ``expected`` (:func:`nhae_hash`):
-    its latents live in another latent space. Caches without the record are accepted."""
-    from caldm.data.io import read_json
-
-    stats = read_json(f"{latents}/stats.json") or {}
-    if stats.get("nhae_hash") not in (None, expected):
-        raise BundleError(
-            f"{latents}/stats.json: latents encoded by another NHAE (hash "
-            f"{stats['nhae_hash'][:12]}, this bundle's is {expected[:12]}); rerun "
-            "jobs/encode_latents.py with this bundle into another --out"
-        )
 
 
 def encode_latents(
@@ -158,8 +143,8 @@ def encode_latents(
                           f"{gpus_per_actor}, {views})")  # fmt: skip
     import ray
 
-    from caldm.data.datasets import view_id, view_shifts, write_latent_source
     from caldm.data.io import write_bytes
+    from caldm.data.latents import view_id, view_shifts, write_latent_source
     from caldm.data.layout import DatasetLayout, select_ids
     from caldm.distributed.cluster import ensure_ray
     from caldm.distributed.plan import absolute, opened
@@ -197,7 +182,7 @@ def encode_latents(
         stats[key] = {"mean": float(mean), "std": float(np.sqrt(max(var, 0.0)))}
     cached = sum(bool(r["cached"]) for r in stats_rows)
     write_latent_source(out, data, bundle=bundle.url)
-    write_bytes(f"{out}/stats.json", json.dumps(stats, indent=1).encode())
+    write_bytes(f"{out}/{STATS_FILE}", json.dumps(stats, indent=1).encode())
     log.warning("encoded %d volumes and views (%d already cached) of %d volumes to %s",
                 len(cache_ids) - cached, cached, len(ids), out)  # fmt: skip
     return {**stats, "volumes": len(ids), "encoded": len(cache_ids) - cached, "cached": cached}

@@ -46,6 +46,7 @@ from caldm.data.io import (
     url_exists,
     write_bytes,
 )
+from caldm.data.latents import STATS_FILE
 from caldm.data.layout import DatasetLayout
 from caldm.data.preprocess import to_unit_range
 from caldm.errors import DataError
@@ -228,7 +229,7 @@ def _run_path(
     for step in PATH:
         run = join_url(out, "runs", step.name)
         max_steps = max(2, int(round(step.max_steps * steps_scale)))
-        if step.stage == "diff3d" and not url_exists(join_url(latents, "stats.json")):
+        if step.stage == "diff3d" and not url_exists(join_url(latents, STATS_FILE)):
             log(f"pipeline: encoding latents of {data} with {bundle}")
             encode_latents(bundle, data, latents)
         summary = read_json(join_url(run, "summary.json"))

@@ -19,6 +19,7 @@ from caldm.bundle import Bundle, nhae_hash, open_bundle
 from caldm.config import Config, load_config
 from caldm.data.io import join_url as join
 from caldm.data.io import list_dir, read_json
+from caldm.data.latents import check_nhae, latent_stats
 from caldm.errors import BundleError, CaldmError, ConfigError, DataError
 from caldm.stages import (
     STAGES,
@@ -197,20 +198,11 @@ def check_resume(previous: dict[str, Any], record: dict[str, Any], out: str) -> 
         )
 
 
-def latent_stats(latents: str) -> dict[str, Any]:
-    """``<latents>/stats.json`` as written by ``jobs/encode_latents.py``."""
-    stats = read_json(join(latents, "stats.json"))
-    if stats is None:
-        raise DataError(
-            join(latents, "stats.json"), "missing: rerun jobs/encode_latents.py on this cache"
-        )
-    return stats
-
-
 def _layer_classes(latents: str, bundle: Bundle | None) -> int:
     """Layer classes of a layers-conditioned run: counted in the labels of the dataset the
     latents were encoded from; a bundle already conditioned on layers must agree with them."""
-    from caldm.data.datasets import num_layer_classes, read_latent_source
+    from caldm.data.datasets import num_layer_classes
+    from caldm.data.latents import read_latent_source
 
     source = read_latent_source(latents)["data"]
     classes = num_layer_classes(source)
@@ -313,7 +305,7 @@ def plan(req: TrainRequest) -> TrainPlan:
 
     exclude = tuple(req.exclude_ids)
     if req.ids is not None:  # --ids: everything else is held out
-        from caldm.data.datasets import parse_view
+        from caldm.data.latents import parse_view
         from caldm.data.layout import select_ids
 
         listed = sorted({parse_view(i)[0] for i in stage_dataset(req.stage, data, cfg, None).ids})
@@ -325,9 +317,8 @@ def plan(req: TrainRequest) -> TrainPlan:
         training_dataset(req.stage, data, cfg, req.condition, exclude, 0, req.workers)
         std = latent_stats(data)["z" if req.stage == "diff3d" else "z_hr"]["std"]
         if bundle is not None and set(spec.encoders) <= set(bundle.meta.get("sha256", {})):
-            from caldm.distributed.encode import check_nhae  # latents of this bundle's NHAE
 
-            check_nhae(data, nhae_hash(bundle))
+            check_nhae(data, nhae_hash(bundle))  # latents of this bundle's NHAE
         latent_scale = 1.0 / max(float(std), 1e-8)
         if req.condition == "layers":
             num_classes = _layer_classes(data, bundle)
@@ -369,7 +360,7 @@ def training_dataset(
 ):
     """The stage's stream without the held-out ``exclude_ids``; a DataError naming ``data``
     when too few ids remain to give every rank one."""
-    from caldm.data.datasets import parse_view
+    from caldm.data.latents import parse_view
 
     dataset = stage_dataset(stage, data, cfg, condition, rank, world, seed)
     if exclude_ids:  # a held-out volume's shifted views (latent caches) are held out with it

@@ -31,9 +31,9 @@ from typing import Any
 
 from caldm.bundle import Bundle
 from caldm.config import load_config
-from caldm.data.datasets import cached_ids
 from caldm.data.io import join_url as join
 from caldm.data.io import read_json, write_bytes, write_json
+from caldm.data.latents import cached_ids
 from caldm.data.layout import DatasetLayout
 from caldm.distributed.plan import opened
 from caldm.distributed.train import _storage, absolute, plan

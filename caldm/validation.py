@@ -38,14 +38,12 @@ def adaptor_held_out(
     edges replicated as in training) of its ``slices`` consecutive middle slices, read and
     resized as the training stream does. ``condition`` and ``seed`` are unused (fixed
     slices, no label)."""
-    from caldm.data.io import read_volume
     from caldm.data.layout import DatasetLayout
-    from caldm.data.preprocess import resize, to_unit_range
+    from caldm.data.preprocess import read_model_volume
 
     layout, k, windows = DatasetLayout(data), cfg.model.k, []
     for sample_id in ids:
-        volume, _ = read_volume(layout.image_url(sample_id))
-        volume = resize(to_unit_range(volume), cfg.model.image_shape, order="linear")
+        volume = read_model_volume(layout.image_url(sample_id), cfg.model.image_shape)
         centres = fixed_slices(volume.shape[0], slices)
         index = np.clip(centres[:, None] + np.arange(k) - k // 2, 0, volume.shape[0] - 1)
         windows.append(torch.from_numpy(np.ascontiguousarray(volume[index]))[:, :, None])

@@ -33,11 +33,11 @@ from safetensors.numpy import load as load_safetensors
 from torch.utils.data import IterableDataset, get_worker_info
 
 from caldm.config import Config
-from caldm.data.io import read_bytes, read_label, read_volume
+from caldm.data.io import read_bytes, read_label
 from caldm.data.labels import check_label, encoder_grid, reduce_label, shift_depth
 from caldm.data.latents import cached_ids, latent_url, parse_view, read_latent_source
 from caldm.data.layout import DatasetLayout
-from caldm.data.preprocess import resize, thumbnail, to_unit_range
+from caldm.data.preprocess import read_model_volume, thumbnail
 from caldm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,7 @@ class _VolumeStream(_ShardedStream):
         super().__init__(root, self.layout.ids(), cfg, rank, world_size, seed)
 
     def _load(self, sample_id: str) -> np.ndarray:
-        volume, _ = read_volume(self.layout.image_url(sample_id))
-        return resize(to_unit_range(volume), self.cfg.model.image_shape, order="linear")
+        return read_model_volume(self.layout.image_url(sample_id), self.cfg.model.image_shape)
 
     def _moved(self, volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The volume moved along depth by up to ``data.augment.ae_shift`` of it (edges

@@ -77,3 +77,12 @@ def from_unit_range(x: ArrayLike) -> np.ndarray:
         x = x.detach().float().cpu().numpy()
     x = np.asarray(x, dtype=np.float32)
     return np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def read_model_volume(url: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """The volume at ``url`` as every stage sees it: float32 in [-1, 1]
+    (:func:`to_unit_range`), resized trilinearly to the model's image grid ``shape``."""
+    from caldm.data.io import read_volume
+
+    volume, _ = read_volume(url)
+    return resize(to_unit_range(volume), tuple(shape), order="linear")

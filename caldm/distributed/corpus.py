@@ -35,9 +35,9 @@ def volume_shards(
     seed: int,
 ) -> dict[str, int]:
     """Write the missing shards of one volume; returns rows per stage written (0: existed)."""
-    from caldm.data.io import read_bytes, read_volume, url_exists
+    from caldm.data.io import read_bytes, url_exists
     from caldm.data.layout import DatasetLayout
-    from caldm.data.preprocess import resize, to_unit_range
+    from caldm.data.preprocess import read_model_volume
 
     todo = [s for s in stages if not url_exists(C.shard_url(out, s, sample_id))]
     written = dict.fromkeys(stages, 0)
@@ -45,8 +45,7 @@ def volume_shards(
     rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode())])
     images = [s for s in todo if s in C.IMAGE_STAGES]
     if images:
-        volume, _ = read_volume(DatasetLayout(data).image_url(sample_id))
-        volume = resize(to_unit_range(volume), cfg.model.image_shape, order="linear")
+        volume = read_model_volume(DatasetLayout(data).image_url(sample_id), cfg.model.image_shape)
         for stage in images:
             rows = C.image_rows(stage, volume, cfg, draws.get(stage, 0), rng)
             written[stage] = C.write_shard(C.shard_url(out, stage, sample_id), sample_id, rows)

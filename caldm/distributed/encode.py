@@ -78,16 +78,14 @@ class LatentEncoder:
     @torch.no_grad()
     def encode(self, cache_id: str) -> dict[str, np.ndarray]:
         """The three latents of one volume or shifted view (float32 numpy)."""
-        from caldm.data.io import read_volume
         from caldm.data.labels import shift_depth
         from caldm.data.latents import parse_view
-        from caldm.data.preprocess import resize, to_unit_range
+        from caldm.data.preprocess import read_model_volume
 
         sample_id, rows = parse_view(cache_id)
         if self._volume is None or self._volume[0] != sample_id:  # read each volume once
-            volume, _ = read_volume(self.layout.image_url(sample_id))
-            shape = self.cfg.model.image_shape
-            self._volume = (sample_id, resize(to_unit_range(volume), shape, order="linear"))
+            url, shape = self.layout.image_url(sample_id), self.cfg.model.image_shape
+            self._volume = (sample_id, read_model_volume(url, shape))
         volume = self._volume[1]
         return encode_volume(self.nets, shift_depth(volume, rows, axis=1), self.cfg,
                              self.slice_batch)  # fmt: skip

@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from caldm.config import Config
-from caldm.data.io import read_bytes, split_url, url_exists, write_bytes
+from caldm.data.io import read_bytes, read_json, split_url, url_exists, write_bytes
 from caldm.data.labels import shift_depth
 from caldm.errors import ConfigError, DataError
 
@@ -178,11 +178,12 @@ def write_shard(url: str, sample_id: str, rows: dict[str, list[bytes]]) -> int:
 
 
 def read_manifest(root: str) -> dict[str, Any]:
+    """The corpus manifest (``manifest.json``), checked: DataError naming it when missing or
+    not a manifest."""
     url = f"{root.rstrip('/')}/{MANIFEST}"
-    try:
-        manifest = json.loads(read_bytes(url))
-    except json.JSONDecodeError as exc:
-        raise DataError(url, f"not JSON ({exc.msg})") from None
+    manifest = read_json(url)
+    if manifest is None:
+        raise DataError(url, "missing: write the corpus with jobs/prepare_corpus.py")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
         raise DataError(url, 'expected {"stages": {...}, ...}')
     return manifest

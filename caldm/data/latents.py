@@ -19,7 +19,7 @@ import torch
 from safetensors.numpy import save as save_safetensors
 
 from caldm.config import Config
-from caldm.data.io import list_dir, read_bytes, read_json, write_bytes
+from caldm.data.io import list_dir, read_json, write_bytes
 from caldm.errors import BundleError, DataError
 
 LATENT_SUFFIX = ".safetensors"
@@ -101,10 +101,9 @@ def write_latent_source(latents_root: str, data: str, **info: Any) -> None:
 def read_latent_source(latents_root: str) -> dict[str, Any]:
     """The contents of ``<latents_root>/source.json``."""
     url = f"{latents_root.rstrip('/')}/source.json"
-    try:
-        source = json.loads(read_bytes(url))
-    except json.JSONDecodeError as exc:
-        raise DataError(url, f"not JSON ({exc.msg})") from None
+    source = read_json(url)
+    if source is None:
+        raise DataError(url, "missing: rerun jobs/encode_latents.py on this cache")
     if not isinstance(source, dict) or not isinstance(source.get("data"), str):
         raise DataError(url, 'expected {"data": "<dataset URL>", ...}')
     return source

@@ -32,23 +32,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from caldm.bundle import load_bundle
     from caldm.data.io import read_bytes
-    from caldm.data.preprocess import from_unit_range, to_unit_range
+    from caldm.data.preprocess import from_unit_range, resize, to_unit_range
     from caldm.metrics import MeanDice, total_variation, vessel_contrast
     from caldm.nn.nets.segmenter import segment_volume, segmenter_from_bytes
     from caldm.segmentation import iter_pairs
 
     nets = load_bundle(a.bundle, ["enc2d", "dec2d"])
+    shape = tuple(nets.cfg.model.image_shape)  # the grid the autoencoder was trained on
     model, cfg = segmenter_from_bytes(read_bytes(a.segmenter), a.segmenter)
     dice = {"real": MeanDice(cfg.num_classes), "rec": MeanDice(cfg.num_classes)}
     contrast: dict[str, list[float]] = {"real": [], "rec": []}
     tv: dict[str, list[float]] = {"real": [], "rec": []}
-    layers = iter_pairs(a.heldout, "layers", cfg.num_classes)
-    vessels = iter_pairs(a.heldout, "vessels", 3)
-    for pl, pv in zip(layers, vessels, strict=True):
-        x = torch.from_numpy(to_unit_range(pl.volume).astype(np.float32))[:, None]
+    for pl in iter_pairs(a.heldout, "layers", cfg.num_classes):
+        (pv,) = iter_pairs(a.heldout, "vessels", 3, ids=[pl.id])  # the same volume's vessels
+        unit = resize(to_unit_range(pl.volume), shape, order="linear")
+        x = torch.from_numpy(unit.astype(np.float32))[:, None]
         z = torch.cat([nets["enc2d"](chunk)[0] for chunk in x.split(32)])
-        dec = torch.cat([nets["dec2d"](chunk) for chunk in z.split(32)])
-        rec = from_unit_range(dec[:, 0].clamp(-1, 1).numpy())
+        dec = torch.cat([nets["dec2d"](chunk) for chunk in z.split(32)])[:, 0].clamp(-1, 1)
+        rec = from_unit_range(resize(dec.numpy(), pl.volume.shape, order="linear"))
         for name, volume in (("real", pl.volume), ("rec", rec)):
             dice[name](segment_volume(model, cfg, volume), pl.label)
             contrast[name].append(vessel_contrast(volume, pv.label))

@@ -1,10 +1,11 @@
-"""Where label fidelity is lost: the segmenter's Dice along CA-LDM's path, stage by stage.
+"""Where label fidelity is lost: a segmenter's scores along CA-LDM's path, stage by stage.
 
     python benchmarks/fidelity_ceiling.py --bundle B --heldout DATA --segmenter FILE [--markdown F]
 
-For every held-out real volume (with its layer label) the segmenter (from ``jobs/downstream.py``
-or the main job's ``downstream/segmenter_real.safetensors``) segments five versions of it, each
-scored (Dice, boundary MAD) against the volume's own label:
+For every held-out real volume (with its label of the bundle's kind) the segmenter (from
+``jobs/downstream.py`` or the main job's ``downstream/segmenter_real.safetensors``) segments
+five versions of it, each scored against the volume's own label (layers: Dice, boundary MAD;
+vessels: IoU-A, IoU-V, vessel contrast):
 
 | row | what the segmenter sees | what it bounds |
 |---|---|---|

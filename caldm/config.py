@@ -230,7 +230,7 @@ class AugmentConfig(_Strict):
 
     shift: float = 0.15  # largest shift along depth (H'), as a fraction of the depth; 0 = off
     # shifted views per volume in the latent cache: the volume moved by k/(views+1) of a
-    # latent pixel before encoding (datasets.view_shifts); 0 = none
+    # latent pixel before encoding (caldm.data.latents.view_shifts); 0 = none
     views: int = 3
     # autoencoder stages (ae2d, nhae, adaptor): volumes moved along depth by up to this
     # fraction, image only, so the latent space can express a moved retina; 0 = off

@@ -7,7 +7,7 @@ For every volume of a dataset, with a trained NHAE from a bundle:
 - ``z_hr = mean of Enc2D(x_i)`` for every slice  (c, D, H', W')   the refiner's target
 
 written as ``<out>/<id>.safetensors``, and for each shifted view of the volume
-(``data.augment.views``, :func:`caldm.data.datasets.view_shifts`: the volume moved down by
+(``data.augment.views``, :func:`caldm.data.latents.view_shifts`: the volume moved down by
 part of a latent pixel before encoding, so that label-conditioned training sees every offset)
 as ``<out>/<id>~dy<rows>.safetensors``; with ``<out>/source.json`` (dataset and bundle URLs) and
 ``<out>/stats.json`` (mean and std of each latent over all volumes; the training stages scale

@@ -9,6 +9,8 @@ wheel lacks the ``fake_multi_node/example.yaml`` that ``ray.cluster_utils.Autosc
 reads, and that class's ``start``/``shutdown`` run ``ray stop --force``, which would stop every
 other Ray on the machine. The head runs ``--block`` in its own process group and is killed by
 that group (the fake worker nodes are children of its autoscaler, so in the group too).
+Training and the sweep log to an MLflow tracking server (``tracking_server``), as they must on
+such a cluster: they refuse a SQLite file that the added nodes cannot reach.
 """
 
 from __future__ import annotations
@@ -146,6 +148,39 @@ def cluster(tmp_path_factory) -> Iterator[str]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory) -> Iterator[str]:
+    """An MLflow tracking server (SQLite behind it), as a cluster with a 0-CPU head needs: the
+    trials and train workers run on nodes the autoscaler adds, which cannot write the head's
+    SQLite file (jobs refuse it). Yields its URI."""
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
+    log = open(root / "server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, (root / "server.log").read_text()
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, (root / "server.log").read_text()
+                time.sleep(1)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        log.close()
+
+
 def _workers() -> dict[str, dict[str, float]]:
     """Alive worker nodes (id -> resources); the head is the node with no CPU."""
     import ray
@@ -247,10 +282,10 @@ def test_evaluation_grows_the_cluster(cluster: str, root: Path, tmp_path: Path) 
     assert report["slices"]["real"]["intra"] == 4  # 2 planes x 2 volumes
 
 
-@pytest.mark.skip(
-    reason="not yet seen to pass on the fake autoscaler (a loaded 2-core machine); issue 14"
-)
-def test_two_worker_training_grows_the_cluster(cluster: str, root: Path) -> None:
+def test_two_worker_training_grows_the_cluster(
+    cluster: str, root: Path, tracking_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
     out = root / "ae2d"
     rc, _ = grows(
         lambda: _job("jobs/train_stage.py")(
@@ -262,10 +297,10 @@ def test_two_worker_training_grows_the_cluster(cluster: str, root: Path) -> None
     assert json.loads((out / "summary.json").read_text())["global_step"] == 2
 
 
-@pytest.mark.skip(
-    reason="not yet seen to pass on the fake autoscaler (a loaded 2-core machine); issue 14"
-)
-def test_sweep_runs_trials_concurrently_on_a_grown_cluster(cluster: str, root: Path) -> None:
+def test_sweep_runs_trials_concurrently_on_a_grown_cluster(
+    cluster: str, root: Path, tracking_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
     out = root / "sweep"
     rc, new = grows(
         lambda: _job("tuning/sweep.py")(

@@ -263,10 +263,28 @@ def test_tracking_store_must_be_reachable(monkeypatch: pytest.MonkeyPatch, tmp_p
     with pytest.raises(ConfigError, match="set MLFLOW_TRACKING_URI to a tracking server"):
         check_store("s3://bucket/run")
     assert check_store(str(tmp_path)) == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(ConfigError, match="the cluster has 3 nodes"):
-        check_store(str(tmp_path), nodes=3)
+    with pytest.raises(ConfigError, match="but the cluster has 3 nodes; set MLFLOW_TRACKING"):
+        check_store(str(tmp_path), "the cluster has 3 nodes")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
-    assert check_store("s3://bucket/run", nodes=3) == "http://tracking:5000"
+    assert check_store("s3://bucket/run", "the cluster has 3 nodes") == "http://tracking:5000"
+
+
+def test_a_cluster_spans_nodes_when_its_head_has_no_cpu(ray_cluster: str) -> None:
+    """A one-node cluster whose driver node has no CPU grows (autoscaler): not one node."""
+    from unittest import mock
+
+    import ray
+
+    from caldm.distributed.cluster import spanned_nodes
+
+    assert spanned_nodes() is None  # the session cluster: one node with CPUs
+    here = ray.get_runtime_context().get_node_id()
+    head = {"NodeID": here, "Alive": True, "Resources": {"memory": 1.0}}
+    with mock.patch.object(ray, "nodes", return_value=[head]):
+        assert "no CPU" in spanned_nodes()
+    other = {"NodeID": "x", "Alive": True, "Resources": {"CPU": 2.0}}
+    with mock.patch.object(ray, "nodes", return_value=[head, other]):
+        assert spanned_nodes() == "the cluster has 2 nodes"
 
 
 # --------------------------------------------------------------------------- 6. EMA and export

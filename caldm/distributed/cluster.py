@@ -56,3 +56,21 @@ def ensure_ray(**init_kwargs: Any) -> Any:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", **init_kwargs)
     return ray
+
+
+def spanned_nodes() -> str | None:
+    """Why a job's workers may run on other nodes than the driver's, or None if they cannot.
+
+    More than one node alive, or a driver's node with no CPU (a head that only schedules, as in
+    the shipped cluster.yaml: every worker runs on a node the autoscaler adds, so a cluster of
+    one node now is many by the time the workers start).
+    """
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1:
+        return f"the cluster has {len(alive)} nodes"
+    here = ray.get_runtime_context().get_node_id()
+    if any(n["NodeID"] == here and not n["Resources"].get("CPU") for n in alive):
+        return "this node has no CPU, so the job runs on nodes the autoscaler adds"
+    return None

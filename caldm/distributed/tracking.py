@@ -45,13 +45,14 @@ def tracking_uri(out: str) -> str:
     return f"sqlite:///{_store_root(out) / 'mlflow.db'}"
 
 
-def check_store(out: str, nodes: int = 1) -> str:
+def check_store(out: str, spans: str | None = None) -> str:
     """The tracking URI for ``out``, after checking every node of the cluster can reach it.
 
     Refuses (one :class:`~caldm.errors.ConfigError` line saying what to set) a remote ``out``
     without ``MLFLOW_TRACKING_URI`` (runs would go to a SQLite file on whichever node logs,
-    which the autoscaler may delete), and a SQLite or file store when the cluster has more than
-    one node (the workers of other nodes cannot write the head's file).
+    which the autoscaler may delete), and a SQLite or file store when the job's workers may run
+    on other nodes (``spans`` says why, :func:`caldm.distributed.cluster.spanned_nodes`): they
+    cannot write the driver node's file.
     """
     from caldm.errors import ConfigError
 
@@ -61,10 +62,10 @@ def check_store(out: str, nodes: int = 1) -> str:
             f"--out {out}: set MLFLOW_TRACKING_URI to a tracking server every node reaches "
             "(e.g. http://<head>:5000); a SQLite file on a worker node is lost with the node"
         )
-    if nodes > 1 and (uri.startswith("sqlite:") or _is_local(uri)):
+    if spans and (uri.startswith("sqlite:") or _is_local(uri)):
         raise ConfigError(
-            f"MLFLOW_TRACKING_URI {uri}: a file on this node, but the cluster has {nodes} "
-            "nodes; set MLFLOW_TRACKING_URI to a tracking server every node reaches"
+            f"MLFLOW_TRACKING_URI {uri}: a file on this node, but {spans}; set "
+            "MLFLOW_TRACKING_URI to a tracking server every node reaches"
         )
     return uri
 

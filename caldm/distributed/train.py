@@ -32,7 +32,7 @@ import torch
 
 from caldm.data.io import join_url as join
 from caldm.data.io import write_json
-from caldm.distributed.cluster import ensure_ray, worker_env
+from caldm.distributed.cluster import ensure_ray, spanned_nodes, worker_env
 from caldm.distributed.engine import (
     StageModel,
     StageTrainer,
@@ -237,8 +237,8 @@ def train(req: TrainRequest) -> dict[str, Any]:
     from caldm.distributed import tracking
 
     p = plan(req)
-    ray = ensure_ray()
-    tracking.check_store(p.out, nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
+    ensure_ray()
+    tracking.check_store(p.out, spanned_nodes())
     # One MLflow run per run directory: created here (the driver), continued on every resume.
     p.mlflow_run_id = tracking.open_run_id(
         p.out, p.experiment, p.run_name or p.stage, p.mlflow_run_id

@@ -204,14 +204,14 @@ def sweep(req: SweepRequest) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from caldm.distributed.cluster import ensure_ray
+    from caldm.distributed.cluster import ensure_ray, spanned_nodes
     from caldm.distributed.tracking import check_store
 
     p = check(req)
-    ray = ensure_ray()
+    ensure_ray()
     _warn_without_state_api()
     # Trials (and their workers) run on any node: a SQLite store only works on one.
-    uri = check_store(p.out, nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
+    uri = check_store(p.out, spanned_nodes())
     record = {"identity": _identity(req, p.bundle, p.data), "request": req.__dict__}
     write_json(join(p.out, "sweep.json"), record)
     evaluate = HeldOutValidation(p.data, p.holdout_ids, req.condition, seed=req.seed)

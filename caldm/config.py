@@ -67,6 +67,10 @@ class AdaptorConfig(_Strict):
     alpha_init: float = 0.0
     form: Literal["mix", "residual"] = "mix"
     levels: list[int] | None = None  # decoder levels that get adaptors; None = all
+    # How the conv pads the slice window and the slice's edges. Zeros (the default, as bundles
+    # before the key were trained) make the adaptors answer the image border and the window
+    # ends; presets choose replicate by measurement (docs/design-notes.md, "DecM").
+    padding: Literal["zeros", "replicate"] = "zeros"
 
 
 class UNetConfig(_Strict):
@@ -108,6 +112,9 @@ class LossConfig(_Strict):
     perceptual_weight: float = 0.3
     perceptual_weights_path: str | None = None  # VGG16 weights for "vgg" (never downloaded)
     adv_weight: float = 0.05
+    # LDM's adaptive weight: adv_weight x |grad rec| / |grad adv| (caldm.nn.losses.HybridLoss),
+    # so the GAN term pulls as hard as the reconstruction terms whatever their scales.
+    adv_adaptive: bool = False
     adv_start_step: int = 0
     kl_weight: float = 1e-6
     latent_weight: float = 1.0  # nhae: L1 between z_sr_i and Enc2D(x_i)
@@ -202,6 +209,7 @@ class SamplingConfig(_Strict):
 class TrainConfig(_Strict):
     lr: float = 1e-4
     disc_lr: float = 1e-4
+    warmup_steps: int = 0  # linear learning-rate warm-up from 0 (both optimizers); 0 = none
     weight_decay: float = 0.0
     micro_batch: int = 1
     grad_accum: int = 1

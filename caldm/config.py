@@ -290,6 +290,11 @@ class Config(_Strict):
         return out
 
 
+# Every preset: LDM's adaptive GAN weight at 0.5 (the released recipe), chosen by measurement
+# (docs/design-notes.md: 3 seeds of ae2d at the tiny preset, vessel contrast 0.69 -> 0.90).
+_LOSS = {"adv_adaptive": True, "adv_weight": 0.5}
+
+
 def _paper() -> dict[str, Any]:
     return {
         "preset": "paper",
@@ -309,9 +314,10 @@ def _paper() -> dict[str, Any]:
                 "attention_levels": [False, True, True, True],
                 "num_res_blocks": 2,
             },
-            "adaptor": {"form": "residual", "alpha_init": 1.0},
+            "adaptor": {"form": "residual", "alpha_init": 1.0, "padding": "replicate"},
             "condition": {"channels": 32},
             "discriminator": {"channels": 64, "num_layers": 3},
+            "loss": dict(_LOSS),
         },
         "sampling": {"steps": 200, "slice_batch": 32, "decode_chunk": 8},
         "train": {"precision": "bf16", "activation_checkpointing": True, "micro_batch": 1},
@@ -339,9 +345,10 @@ def _small() -> dict[str, Any]:
                 "num_res_blocks": 1,
                 "num_head_channels": 32,
             },
-            "adaptor": {"form": "residual", "alpha_init": 1.0},
+            "adaptor": {"form": "residual", "alpha_init": 1.0, "padding": "replicate"},
             "condition": {"channels": 16},
             "discriminator": {"channels": 32, "num_layers": 3},
+            "loss": dict(_LOSS),
         },
         "sampling": {"steps": 50, "slice_batch": 32, "decode_chunk": 16},
         "train": {"precision": "bf16", "activation_checkpointing": False, "micro_batch": 2},
@@ -376,10 +383,10 @@ def _tiny() -> dict[str, Any]:
                 "num_head_channels": 16,
                 "norm_num_groups": 8,
             },
-            "adaptor": {"form": "residual", "alpha_init": 1.0},
+            "adaptor": {"form": "residual", "alpha_init": 1.0, "padding": "replicate"},
             "condition": {"channels": 8},
             "discriminator": {"channels": 8, "num_layers": 2},
-            "loss": {"adv_start_step": 50},
+            "loss": {"adv_start_step": 50, **_LOSS},
         },
         # v-prediction: an eps-predicting refiner trained for minutes diverges at high noise
         # (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) amplifies its error 100-fold there)

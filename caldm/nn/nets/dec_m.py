@@ -54,6 +54,11 @@ class Adaptors(nn.Module):
         """Slices each side that influence an output slice (the adaptors' receptive field)."""
         return sum(a.conv.kernel_size[0] // 2 for a in self.adaptors.values())
 
+    def checkpoint_activations(self) -> None:
+        """Keep only each adaptor's input for backward (its norm, activation and padded conv
+        input are recomputed): the adaptor stage's activations are full-resolution volumes."""
+        enable_checkpointing(self.adaptors.values())
+
 
 class DecM(nn.Module):
     """``(B, n, c, H', W')`` latent slices -> ``(B, n, 1, H, W)`` image slices.

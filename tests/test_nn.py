@@ -215,3 +215,27 @@ def test_default_perceptual_term_needs_no_download_and_penalises_smoothing() -> 
     assert "perceptual" not in HybridLoss(LossConfig(perceptual="none"))(x, smooth)
     with pytest.raises(ConfigError, match="perceptual_weights_path"):
         HybridLoss(LossConfig(perceptual="vgg"))
+
+
+def test_adaptive_gan_weight_balances_the_gradients_at_the_decoder_output() -> None:
+    """Whatever the discriminator's scale, the adversarial term reaches the decoder's output
+    with adv_weight times the reconstruction terms' gradient norm (a fixed weight does not)."""
+    from caldm.config import LossConfig
+    from caldm.nn.losses import HybridLoss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 16, 16, generator=g) * 2 - 1
+    probe = torch.randn(2, 1, 16, 16, generator=g)
+
+    def adv_grad_ratio(adaptive: bool, scale: float) -> float:
+        loss = HybridLoss(LossConfig(adv_weight=0.5, adv_adaptive=adaptive, perceptual="none"))
+        x_rec = (x * 0.8).requires_grad_(True)
+        logits = scale * (probe * x_rec).sum((1, 2, 3))  # a stand-in discriminator
+        parts = loss(x, x_rec, logits)
+        (rec,) = torch.autograd.grad(parts["l1"], x_rec, retain_graph=True)
+        (total,) = torch.autograd.grad(parts["loss"], x_rec)
+        return float((total - rec).norm() / rec.norm())
+
+    for scale in (1.0, 100.0):
+        assert adv_grad_ratio(True, scale) == pytest.approx(0.5, rel=1e-3)
+    assert adv_grad_ratio(False, 100.0) > 100 * adv_grad_ratio(False, 1.0) / 2

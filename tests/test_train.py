@@ -424,3 +424,20 @@ def test_ray_job_submit_to_a_head_with_s3_storage(ray_head, s3_bucket: str, tmp_
     assert summary["global_step"] == 2 and summary["checkpoint"].startswith(out)
     assert fs.exists(f"{out}/bundle/enc2d.safetensors")
     assert fs.glob(f"{summary['checkpoint']}/model/state/*optim_states.pt")
+
+
+def test_warmup_ramps_the_learning_rate_linearly_then_holds() -> None:
+    import torch
+
+    from caldm.distributed.engine import warmup_schedule
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    assert warmup_schedule(opt, 0) is None
+    schedule = warmup_schedule(opt, 4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])

@@ -105,6 +105,19 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
     }
 
 
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer, steps: int
+) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """Linear warm-up to the optimizer's lr over ``steps`` optimizer steps (None for 0).
+
+    DeepSpeed steps it with the optimizer and keeps its state in the checkpoint, so a resumed
+    run continues the ramp where it stopped.
+    """
+    if steps <= 0:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / steps))
+
+
 @contextlib.contextmanager
 def gathered(params: list[nn.Parameter], zero3: bool) -> Iterator[None]:
     """Full parameters inside the block on every rank (a collective under ZeRO-3)."""
@@ -180,7 +193,10 @@ class StageTrainer:
             params, lr=lr, betas=betas, weight_decay=self.cfg.train.weight_decay
         )
         engine, *_ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=deepspeed_config(self.cfg, self.bf16)
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=warmup_schedule(optimizer, self.cfg.train.warmup_steps),
+            config=deepspeed_config(self.cfg, self.bf16),
         )
         return engine
 

@@ -12,6 +12,9 @@ The perceptual term (``model.loss.perceptual``) is one of:
 - ``none``.
 
 ``auto`` (the default) is ``vgg`` when a weights path is given, else ``ssim``.
+
+The adversarial term has a fixed weight (``adv_weight``), or with ``adv_adaptive`` LDM's adaptive
+one (:func:`adaptive_weight`), which keeps the GAN term as strong as the reconstruction terms.
 """
 
 from __future__ import annotations
@@ -72,6 +75,23 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
 
 
+def adaptive_weight(
+    rec: torch.Tensor, adv: torch.Tensor, x_rec: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
+    """LDM's adaptive GAN weight, ``|d rec / d x_rec| / |d adv / d x_rec|`` (detached).
+
+    LDM takes the gradients at the decoder's last layer weights; here they are taken at the
+    decoder's output, which every ZeRO stage keeps whole (ZeRO-3 partitions the weights). Both
+    balance the two terms where they reach the decoder. 1 where there is no graph (validation).
+    """
+    if not (rec.requires_grad and adv.requires_grad and x_rec.requires_grad):
+        return torch.ones((), device=x_rec.device)
+    g_rec, g_adv = (
+        torch.autograd.grad(loss, x_rec, retain_graph=True)[0].norm() for loss in (rec, adv)
+    )
+    return (g_rec / (g_adv + 1e-4)).clamp(0.0, max_weight).detach()
+
+
 class HybridLoss(nn.Module):
     """Reconstruction side of the LDM loss; ``perceptual_kind`` names the perceptual term."""
 
@@ -106,7 +126,11 @@ class HybridLoss(nn.Module):
             total = total + self.cfg.perceptual_weight * parts["perceptual"]
         if fake_logits is not None:
             parts["g_adv"] = -fake_logits.mean()
-            total = total + self.cfg.adv_weight * parts["g_adv"]
+            weight = self.cfg.adv_weight
+            if self.cfg.adv_adaptive:
+                weight = weight * adaptive_weight(total, parts["g_adv"], x_rec)
+                parts["adv_weight"] = weight
+            total = total + weight * parts["g_adv"]
         if mu is not None and log_var is not None:
             parts["kl"] = kl_loss(mu.float(), log_var.float())
             total = total + self.cfg.kl_weight * parts["kl"]

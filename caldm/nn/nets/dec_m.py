@@ -47,12 +47,17 @@ class Adaptors(nn.Module):
             if cfg.levels is None or level in cfg.levels:
                 ch = dec2d.blocks[idx].out_channels
                 self.adaptors[str(idx)] = Adaptor3D(
-                    ch, cfg.kernel_size, cfg.alpha_init, norm_num_groups, cfg.form
+                    ch, cfg.kernel_size, cfg.alpha_init, norm_num_groups, cfg.form, cfg.padding
                 )
 
     def halo(self) -> int:
         """Slices each side that influence an output slice (the adaptors' receptive field)."""
         return sum(a.conv.kernel_size[0] // 2 for a in self.adaptors.values())
+
+    def checkpoint_activations(self) -> None:
+        """Keep only each adaptor's input for backward (its norm, activation and padded conv
+        input are recomputed): the adaptor stage's activations are full-resolution volumes."""
+        enable_checkpointing(self.adaptors.values())
 
 
 class DecM(nn.Module):

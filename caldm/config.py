@@ -67,10 +67,6 @@ class AdaptorConfig(_Strict):
     alpha_init: float = 0.0
     form: Literal["mix", "residual"] = "mix"
     levels: list[int] | None = None  # decoder levels that get adaptors; None = all
-    # How the conv pads the slice window and the slice's edges. Zeros (the default, as bundles
-    # before the key were trained) make the adaptors answer the image border and the window
-    # ends; presets choose replicate by measurement (docs/design-notes.md, "DecM").
-    padding: Literal["zeros", "replicate"] = "zeros"
 
 
 class UNetConfig(_Strict):
@@ -314,7 +310,7 @@ def _paper() -> dict[str, Any]:
                 "attention_levels": [False, True, True, True],
                 "num_res_blocks": 2,
             },
-            "adaptor": {"form": "residual", "alpha_init": 1.0, "padding": "replicate"},
+            "adaptor": {"form": "residual", "alpha_init": 1.0},
             "condition": {"channels": 32},
             "discriminator": {"channels": 64, "num_layers": 3},
             "loss": dict(_LOSS),
@@ -345,7 +341,7 @@ def _small() -> dict[str, Any]:
                 "num_res_blocks": 1,
                 "num_head_channels": 32,
             },
-            "adaptor": {"form": "residual", "alpha_init": 1.0, "padding": "replicate"},
+            "adaptor": {"form": "residual", "alpha_init": 1.0},
             "condition": {"channels": 16},
             "discriminator": {"channels": 32, "num_layers": 3},
             "loss": dict(_LOSS),
@@ -383,7 +379,7 @@ def _tiny() -> dict[str, Any]:
                 "num_head_channels": 16,
                 "norm_num_groups": 8,
             },
-            "adaptor": {"form": "residual", "alpha_init": 1.0, "padding": "replicate"},
+            "adaptor": {"form": "residual", "alpha_init": 1.0},
             "condition": {"channels": 8},
             "discriminator": {"channels": 8, "num_layers": 2},
             "loss": {"adv_start_step": 50, **_LOSS},

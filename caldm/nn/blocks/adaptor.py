@@ -20,11 +20,6 @@ class Adaptor3D(nn.Module):
       adaptors stay near the identity (docs/design-notes.md, "DecM").
     - ``residual``: ``out = x + alpha * adapt(x)`` with the conv zero-initialised: also the
       identity when fresh, so DecM starts as the frozen Dec2D, and the conv learns at once.
-
-    ``padding`` is the conv's: with ``zeros`` the normalised, activated features (not zero on
-    average) fall to 0 beyond the slice's edges and the window's ends, and a trained conv
-    answers that step: bright or dark border columns in every slice. ``replicate`` continues
-    the features instead.
     """
 
     def __init__(
@@ -34,7 +29,6 @@ class Adaptor3D(nn.Module):
         alpha_init: float = 0.0,
         norm_num_groups: int = 32,
         form: Literal["mix", "residual"] = "mix",
-        padding: Literal["zeros", "replicate"] = "zeros",
     ) -> None:
         super().__init__()
         if form not in ("mix", "residual"):
@@ -46,11 +40,7 @@ class Adaptor3D(nn.Module):
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.act = nn.SiLU()
         self.conv = nn.Conv3d(
-            channels,
-            channels,
-            (kernel_size, 3, 3),
-            padding=(kernel_size // 2, 1, 1),
-            padding_mode=padding,
+            channels, channels, (kernel_size, 3, 3), padding=(kernel_size // 2, 1, 1)
         )
         if form == "residual":
             nn.init.zeros_(self.conv.weight)

@@ -47,7 +47,7 @@ class Adaptors(nn.Module):
             if cfg.levels is None or level in cfg.levels:
                 ch = dec2d.blocks[idx].out_channels
                 self.adaptors[str(idx)] = Adaptor3D(
-                    ch, cfg.kernel_size, cfg.alpha_init, norm_num_groups, cfg.form, cfg.padding
+                    ch, cfg.kernel_size, cfg.alpha_init, norm_num_groups, cfg.form
                 )
 
     def halo(self) -> int:

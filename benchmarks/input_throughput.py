@@ -12,6 +12,10 @@
   system, so page-cache reads count; the old path's S3 waits would add to it): items/s per
   core. A loader with W worker processes delivers about W times that, so with 8 vCPUs (a
   g5.2xlarge) 8 x per core.
+- Conditioned fine-tunes (``diff3d+layers``, ``refiner+layers``): the old path reads the
+  latents and the volume's full-resolution uint8 layer label (7 classes, OCTA-500's 6 layer
+  surfaces) and reduces it to the condition encoder's grid per item; the corpus stores the
+  reduced label beside the latents.
 - Card: FLOPs of one training step at the preset (:func:`caldm.bench.memory.stage_step_flops`:
   forward, backward, recomputation, discriminator) on an assumed A10G 24 GB, dense bf16
   tensor peak ``--peak-tflops`` (125) at ``--mfu`` (0.4): items/s = peak x mfu / FLOPs per item.
@@ -36,12 +40,13 @@ from caldm.bench.memory import stage_step_flops
 from caldm.config import STAGES, preset
 from caldm.data import corpus as C
 from caldm.data.io import write_volume
-from caldm.data.latents import latent_url, write_latents
+from caldm.data.latents import latent_url, write_latent_source, write_latents
 from caldm.data.layout import DatasetLayout
 from caldm.stages import stage_dataset
 
 SOURCE_SHAPE = (400, 640, 400)  # OCTA-500 6 mm: 400 B-scans of 640 x 400
 CORES = 8  # g5.2xlarge vCPUs
+LAYER_CLASSES = 7  # OCTA-500: 6 layer surfaces
 
 
 def make_inputs(root: Path, cfg, volumes: int) -> tuple[str, str]:
@@ -58,6 +63,9 @@ def make_inputs(root: Path, cfg, volumes: int) -> tuple[str, str]:
         speckle = rng.gamma(2.0, 20.0, size=(d, h, w)).astype(np.float32)
         vol = np.clip(layers * (depth < 0.6) + speckle, 0, 255).astype(np.uint8)
         write_volume(DatasetLayout(data).image_url(f"v{i:03d}"), vol)
+        label = np.broadcast_to(np.digitize(depth, np.linspace(0.2, 0.6, LAYER_CLASSES - 1)),
+                                (d, h, w)).astype(np.uint8)  # fmt: skip
+        write_volume(DatasetLayout(data).label_url("layers", f"v{i:03d}"), label)
         m = cfg.model
         write_latents(
             latent_url(latents, f"v{i:03d}"),
@@ -65,6 +73,7 @@ def make_inputs(root: Path, cfg, volumes: int) -> tuple[str, str]:
             z_sr=rng.standard_normal(m.z_sr_shape, dtype=np.float32),
             z_hr=rng.standard_normal(m.z_sr_shape, dtype=np.float32),
         )
+    write_latent_source(latents, data)
     (root / "latents" / "stats.json").write_text(
         json.dumps({"count": volumes, **{k: {"mean": 0, "std": 1} for k in ("z", "z_sr", "z_hr")}})
     )
@@ -95,7 +104,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)  # per core, as Ray's workers run (one OMP thread)
     cfg = preset(args.preset)
+    cfg.model.condition.layer_classes = LAYER_CLASSES
     from caldm.distributed.corpus import DEFAULT_DRAWS, volume_shards
+
+    runs = [(s, None) for s in STAGES] + [(s, "layers") for s in C.LATENT_STAGES]
 
     rows = {}
     with tempfile.TemporaryDirectory(prefix="caldm-input-") as tmp:
@@ -105,15 +117,20 @@ def main() -> None:
         ids = DatasetLayout(data).ids()
         for i in ids:
             volume_shards(i, data, corpus, STAGES, cfg, latents, DEFAULT_DRAWS, 0)
-        C.update_manifest(corpus, cfg, STAGES, ids, DEFAULT_DRAWS)
+            volume_shards(i, data, corpus, C.LATENT_STAGES, cfg, latents, {}, 0, "layers")
+        keys = (*STAGES, *(C.stage_key(s, "layers") for s in C.LATENT_STAGES))
+        C.update_manifest(corpus, cfg, keys, ids, DEFAULT_DRAWS, data=data)
         (root / "corpus" / "stats.json").write_text((root / "latents" / "stats.json").read_text())
-        for stage in STAGES:
+        for stage, cond in runs:
             source = latents if stage in C.LATENT_STAGES else data
             old_n = max(1, args.volumes - 1) * cfg.data.slices_per_volume
-            old = items_per_s(stage_dataset(stage, source, cfg), old_n)
-            new = items_per_s(stage_dataset(stage, corpus, cfg), args.new_items, warmup=50)
-            flops = stage_step_flops(stage, cfg) / cfg.train.micro_batch
+            old = items_per_s(stage_dataset(stage, source, cfg, condition=cond), old_n)
+            new = items_per_s(
+                stage_dataset(stage, corpus, cfg, condition=cond), args.new_items, warmup=50
+            )
+            flops = stage_step_flops(stage, cfg, condition=cond) / cfg.train.micro_batch
             card = args.peak_tflops * 1e12 * args.mfu / flops
+            stage = C.stage_key(stage, cond)
             rows[stage] = {
                 "old_per_core": old,
                 "new_per_core": new,
@@ -124,7 +141,7 @@ def main() -> None:
             }
             r = rows[stage]
             print(
-                f"{stage:>8}: old {old:9.3f} items/s/core  new {new:9.1f} items/s/core  "
+                f"{stage:>14}: old {old:9.3f} items/s/core  new {new:9.1f} items/s/core  "
                 f"card {card:8.2f} items/s ({r['tflop_per_item']:.2f} TFLOP/item)  "
                 f"feed ratio x{CORES}: old {r['old_feed_ratio']:.3f}  new {r['feed_ratio']:.1f}",
                 flush=True,

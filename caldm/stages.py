@@ -457,8 +457,9 @@ def stage_dataset(
     from caldm.data import corpus, datasets
 
     if corpus.is_corpus(data):
-        corpus.check_condition(data, condition)
-        return corpus.CorpusDataset(data, stage, cfg, rank=rank, world_size=world_size, seed=seed)
+        corpus.check_condition(data, stage, condition)
+        key = corpus.stage_key(stage, condition)
+        return corpus.CorpusDataset(data, key, cfg, rank=rank, world_size=world_size, seed=seed)
 
     kind = STAGES[stage].dataset
     if kind == "latents":

@@ -2,6 +2,8 @@
 
     python jobs/prepare_corpus.py --data DATA --out CORPUS --preset paper \
         [--latents LATENTS --stages ae2d,nhae,adaptor,diff3d,refiner] [--workers W]
+    python jobs/prepare_corpus.py --data DATA --out CORPUS --preset paper \
+        --latents LATENTS --stages diff3d,refiner --condition layers
 
 Then train any stage with ``--data CORPUS`` (jobs/train_stage.py); the old inputs (a dataset
 root, a latent cache) keep working. Rerunning skips shards already written. A plain run starts
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated stages (default: the image stages)",
     )
     p.add_argument("--latents", help="latent cache (jobs/encode_latents.py): diff3d, refiner")
+    p.add_argument(
+        "--condition",
+        choices=("layers", "vessels"),
+        help="write the diffusion stages' items with this label (for --condition fine-tunes)",
+    )
     p.add_argument(
         "--draws",
         action="append",
@@ -91,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         workers=args.workers,
         cpus_per_task=args.cpus_per_task,
         seed=args.seed,
+        condition=args.condition,
     )
     print(json.dumps({"written": manifest["written"], "stages": list(manifest["stages"])}))
     return 0

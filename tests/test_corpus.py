@@ -15,7 +15,7 @@ import torch
 from caldm.config import preset
 from caldm.data import corpus as C
 from caldm.data.io import read_volume
-from caldm.data.latents import latent_url, write_latent_source, write_latents
+from caldm.data.latents import latent_url, view_id, write_latent_source, write_latents
 from caldm.data.layout import DatasetLayout
 from caldm.data.phantom import write_phantom_dataset
 from caldm.data.preprocess import resize, to_unit_range
@@ -34,6 +34,7 @@ def _prepare(*args: object) -> int:
 
 
 ALL = (*C.IMAGE_STAGES, *C.LATENT_STAGES)
+LABELLED = ("diff3d+layers", "refiner+layers")
 DRAWS = {"nhae": 8, "adaptor": 8}
 
 
@@ -55,6 +56,13 @@ def root(tmp_path_factory) -> Path:
             z_sr=rng.standard_normal(m.z_sr_shape),
             z_hr=rng.standard_normal(m.z_sr_shape),
         )
+    view = view_id(ids[1], 2)  # a shifted view: a row of its volume's labelled shards
+    write_latents(
+        latent_url(str(root / "latents"), view),
+        z=rng.standard_normal(m.latent_shape),
+        z_sr=rng.standard_normal(m.z_sr_shape),
+        z_hr=rng.standard_normal(m.z_sr_shape),
+    )
     write_latent_source(str(root / "latents"), str(root / "data"))
     stats = {k: {"mean": 0.0, "std": 2.0} for k in ("z", "z_sr", "z_hr")}
     (root / "latents" / "stats.json").write_text(json.dumps({"count": 3, **stats}))
@@ -63,7 +71,12 @@ def root(tmp_path_factory) -> Path:
         written = volume_shards(i, str(root / "data"), corpus, ALL, cfg, str(root / "latents"),
                                 DRAWS, 0)  # fmt: skip
         assert written == {"ae2d": 32, "nhae": 8, "adaptor": 8, "diff3d": 1, "refiner": 32}
+        written = volume_shards(i, str(root / "data"), corpus, C.LATENT_STAGES, cfg,
+                                str(root / "latents"), DRAWS, 0, condition="layers")  # fmt: skip
+        views = 2 if i == ids[1] else 1
+        assert written == {"diff3d": views, "refiner": 32 * views}
     C.update_manifest(corpus, cfg, ALL, ids, DRAWS)
+    C.update_manifest(corpus, cfg, LABELLED, ids, DRAWS)
     (root / "corpus" / "stats.json").write_text((root / "latents" / "stats.json").read_text())
     return root
 
@@ -126,8 +139,8 @@ def test_rank_shards_and_held_out_ids(root: Path) -> None:
 def test_wrong_shapes_missing_stage_and_condition_fail_clearly(root: Path, tmp_path) -> None:
     with pytest.raises(DataError, match=r"corpus\.json.*other shapes.*prepare_corpus"):
         stage_dataset("ae2d", str(root / "corpus"), preset("small"))
-    with pytest.raises(ConfigError, match="holds no layers labels"):
-        stage_dataset("diff3d", str(root / "corpus"), preset("tiny"), condition="layers")
+    with pytest.raises(ConfigError, match=r"no diff3d\+vessels items.*--condition vessels"):
+        stage_dataset("diff3d", str(root / "corpus"), preset("tiny"), condition="vessels")
     rc = _prepare("--data", root / "data", "--out", tmp_path / "c", "--stages", "refiner")
     assert rc == 2  # diff3d/refiner need --latents; checked before Ray starts
 
@@ -152,6 +165,12 @@ def test_job_writes_and_resumes(root: Path, tmp_path: Path, ray_cluster) -> None
     assert _prepare(*args) == 0
     assert (out / "refiner" / "phantom_0002.parquet").exists()
     assert kept.stat().st_mtime_ns == before
+    # labelled items for a conditioned fine-tune, beside the others
+    assert _prepare(*args[:-4], "--stages", "diff3d", "--condition", "layers") == 0
+    manifest = json.loads((out / "corpus.json").read_text())
+    assert sorted(manifest["stages"]) == ["ae2d", "diff3d+layers", "refiner"]
+    shard = out / "diff3d-layers" / "phantom_0001.parquet"
+    assert shard.read_bytes() == (root / "corpus" / "diff3d-layers" / shard.name).read_bytes()
 
 
 def _ae2d_curve(data: str, steps: int) -> list[float]:
@@ -231,3 +250,56 @@ def test_image_items_move_along_depth_on_read(root: Path) -> None:
                 assert np.array_equal(a["thumbnail"].numpy(), want)
             rows_seen.append(rows)
         assert any(rows_seen), f"{stage}: nothing moved"
+
+
+def _epoch(ds, n: int) -> list[dict[str, torch.Tensor]]:
+    it = iter(ds)
+    return sorted((next(it) for _ in range(n)), key=lambda item: float(item["label"].sum()
+                  + 1e3 * item[next(k for k in ("z", "z_hr") if k in item)].sum()))  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", C.LATENT_STAGES)
+def test_labelled_items_are_the_latent_caches(root: Path, stage: str) -> None:
+    """A conditioned fine-tune reads the same (latent, label) items from the corpus as from the
+    latent cache and its dataset (views included), up to bf16 and 1/255 rounding."""
+    cfg = preset("tiny")
+    cfg.data.augment.shift = 0.0  # compare the stored items themselves
+    old = iter(stage_dataset(stage, str(root / "latents"), cfg, condition="layers"))
+    new = iter(stage_dataset(stage, str(root / "corpus"), cfg, condition="layers"))
+    key = "z" if stage == "diff3d" else "z_hr"
+    rows = [next(new) for _ in range(4 * (1 if stage == "diff3d" else cfg.model.z_sr_shape[1]))]
+    assert len({r[key].numpy().tobytes() for r in rows}) == len(rows)  # 3 volumes + 1 view
+    for _ in range(8):  # old items (the refiner's: random slices) are rows of the corpus
+        a = next(old)
+        b = min(rows, key=lambda r: float((r[key] - a[key]).abs().max()))
+        assert a.keys() == b.keys() and "label" in a
+        for k in a:
+            assert a[k].shape == b[k].shape, k
+            tol = 0.5 / 255 + 1e-6 if k == "label" else 0.01 * float(a[k].abs().max())
+            assert float((a[k] - b[k]).abs().max()) <= tol, k
+
+
+def test_labelled_items_move_with_their_latents(root: Path) -> None:
+    """With depth shifts on, a corpus item's label moved exactly as its latent did."""
+    from caldm.data.labels import shift_depth
+
+    cfg = preset("tiny")
+    cfg.data.augment.shift = 0.3
+    plain = preset("tiny")
+    plain.data.augment.shift = 0.0
+    stored = _epoch(stage_dataset("diff3d", str(root / "corpus"), plain, condition="layers"), 4)
+    moved = 0
+    it = iter(stage_dataset("diff3d", str(root / "corpus"), cfg, condition="layers"))
+    for _ in range(8):
+        item = next(it)
+        z, label = item["z"].numpy(), item["label"].numpy()
+        found = False
+        for ref in stored:
+            for s in range(-3, 4):
+                if np.array_equal(shift_depth(ref["z"].numpy(), s, axis=-2), z):
+                    factor = label.shape[-2] // z.shape[-2]
+                    want = shift_depth(ref["label"].numpy(), s * factor, axis=-2)
+                    assert np.array_equal(want, label), s
+                    found, moved = True, moved + (s != 0)
+        assert found
+    assert moved > 0  # the shifts happened

@@ -12,6 +12,13 @@ once (``jobs/prepare_corpus.py``, a Ray Data job) and stores each stage's items 
 | adaptor | ``window`` uint8 (n, H, W): ``Config.adaptor_window`` slices | draws |
 | diff3d | ``z`` bf16 (c, D', H', W') | 1 |
 | refiner | ``z_sr``, ``z_hr`` bf16 (c, H', W') of one slice | every slice |
+| diff3d+layers | ``z``, ``label`` u8 class fractions (C, 2D', 2H', 2W') | 1 |
+| refiner+layers | ``z_sr``, ``z_hr``, ``label`` u8 (C, 2H', 2W') of one slice | every slice |
+
+(``+vessels`` likewise, without the H axis in the label.) A conditioned fine-tune reads its
+``<stage>+<condition>`` items: the label already reduced to what the condition encoder reads
+(:func:`caldm.data.datasets.latent_label`, 1/255 steps), instead of a full-resolution label per
+item; the shifted views of the latent cache (``<id>@<rows>``) are rows of their volume's shard.
 
 Images are the training range [-1, 1] quantised to uint8 (``round((x + 1) * 127.5)``; the
 sources are 8-bit OCT, so the step is below their own resolution); latents are bfloat16, the
@@ -83,8 +90,22 @@ def bf16_bytes(x: np.ndarray | torch.Tensor) -> bytes:
     return t.view(torch.int16).numpy().tobytes()
 
 
+def split_stage(stage: str) -> tuple[str, str | None]:
+    """``"diff3d+layers"`` -> ``("diff3d", "layers")``; ``"ae2d"`` -> ``("ae2d", None)``."""
+    base, _, condition = stage.partition("+")
+    return base, condition or None
+
+
+def stage_key(stage: str, condition: str | None) -> str:
+    """The corpus stage a (possibly conditioned) training stage reads."""
+    return f"{stage}+{condition}" if condition else stage
+
+
 def columns(stage: str, cfg: Config) -> dict[str, dict[str, Any]]:
     """The columns of ``stage`` (dtype and item shape) at ``cfg``'s shapes."""
+    from caldm.data.labels import encoder_grid, num_label_classes
+
+    stage, condition = split_stage(stage)
     m = cfg.model
     d, h, w = m.image_shape
     s = cfg.data.slices_per_volume
@@ -103,6 +124,10 @@ def columns(stage: str, cfg: Config) -> dict[str, dict[str, Any]]:
             "z_hr": ("bfloat16", (c, *m.z_sr_shape[2:])),
         },
     }[stage]
+    if condition is not None:
+        grid = encoder_grid(cfg, condition, stage)
+        classes = num_label_classes(condition, m.condition.layer_classes)
+        cols["label"] = ("uint8", (classes, *(grid if stage == "diff3d" else grid[1:])))
     return {k: {"dtype": dt, "shape": list(shape)} for k, (dt, shape) in cols.items()}
 
 
@@ -139,25 +164,38 @@ def image_rows(
     raise ValueError(f"{stage} is not an image stage")
 
 
-def latent_rows(stage: str, latents: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
-    """The rows of one volume's cached latents for a diffusion stage."""
+def latent_rows(
+    stage: str, latents: dict[str, np.ndarray], label: np.ndarray | None = None
+) -> dict[str, list[bytes]]:
+    """The rows of one volume's (or view's) cached latents for a diffusion stage; with
+    ``label`` (the class fractions of :func:`~caldm.data.datasets.latent_label`) also a
+    ``label`` column, fractions in 1/255 steps."""
+    labels = None if label is None else np.round(np.asarray(label) * 255).astype(np.uint8)
     if stage == "diff3d":
-        return {"z": [bf16_bytes(latents["z"])]}
+        rows = {"z": [bf16_bytes(latents["z"])]}
+        if labels is not None:
+            rows["label"] = [labels.tobytes()]
+        return rows
     if stage == "refiner":
         z_sr = torch.as_tensor(latents["z_sr"]).to(torch.bfloat16)
         z_hr = torch.as_tensor(latents["z_hr"]).to(torch.bfloat16)
         depth = z_sr.shape[1]
-        return {
+        rows = {
             "z_sr": [z_sr[:, i].contiguous().view(torch.int16).numpy().tobytes()
                      for i in range(depth)],
             "z_hr": [z_hr[:, i].contiguous().view(torch.int16).numpy().tobytes()
                      for i in range(depth)],
         }  # fmt: skip
+        if labels is not None:  # slice i's label is row i of the refiner's grid
+            rows["label"] = [np.ascontiguousarray(labels[:, i]).tobytes() for i in range(depth)]
+        return rows
     raise ValueError(f"{stage} is not a latent stage")
 
 
 def shard_url(root: str, stage: str, sample_id: str) -> str:
-    return f"{root.rstrip('/')}/{stage}/{sample_id}.parquet"
+    """``<root>/<stage>/<id>.parquet``; a labelled stage's folder is ``diff3d-layers`` (no ``+``
+    in object keys: some S3 clients read it as a space)."""
+    return f"{root.rstrip('/')}/{stage.replace('+', '-')}/{sample_id}.parquet"
 
 
 def write_shard(url: str, sample_id: str, rows: dict[str, list[bytes]]) -> int:
@@ -269,6 +307,7 @@ class CorpusDataset(IterableDataset):
                 f"config needs {want}: rerun jobs/prepare_corpus.py with this preset",
             )
         self.stage = stage
+        self.kind, self.condition = split_stage(stage)
         self.columns = want
         self.ids = sorted(entry["ids"])
         if len(self.ids) < world_size:
@@ -339,18 +378,30 @@ class CorpusDataset(IterableDataset):
         item[key] = _shifted(item[key], rows)
         return item
 
+    def _moved_latents(self, item: Item) -> Item:
+        """``data.augment`` on a conditioned item (:func:`~caldm.data.datasets.augment_latents`,
+        the latent cache's rule), from the dataset's own random stream."""
+        from caldm.data.datasets import augment_latents
+
+        arrays = {k: v.numpy() for k, v in item.items()}
+        return augment_latents(arrays, self.cfg, self.condition, self.kind, self._augment_rng)
+
     def _decode(self, raw: dict[str, bytes]) -> Item:
         item: Item = {}
         for name, col in self.columns.items():
             t = torch.frombuffer(bytearray(raw[name]), dtype=DTYPES[col["dtype"]])
             t = t.view(col["shape"])
-            if col["dtype"] == "uint8":
+            if name == "label":
+                t = t.float() / 255  # class fractions
+            elif col["dtype"] == "uint8":
                 t = dequantize(t)
             elif col["dtype"] == "bfloat16":
                 t = t.float()
             item[name] = t
         if self.stage == "ae2d":
             item["image"] = item["image"][None]
+        elif self.condition is not None:  # latents and label move together, as on the old path
+            return self._moved_latents(item)
         elif self.stage == "nhae":
             item["thumbnail"] = item["thumbnail"][None]
             item["slices"] = item["slices"][:, None]
@@ -369,6 +420,7 @@ class CorpusDataset(IterableDataset):
                 return  # more loader workers than shards: this worker has nothing to read
             rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
             moves = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
+            self._augment_rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 2])
             buffer: list[dict[str, bytes]] = []
             streams = [self._row_groups(s) for s in shards[: self.open_shards]]
             pending = shards[self.open_shards :]
@@ -403,10 +455,14 @@ def _pop_random(buffer: list[Any], rng: np.random.Generator) -> Any:
     return buffer.pop()
 
 
-def check_condition(root: str, condition: str | None) -> None:
-    """The corpus holds no labels yet: conditioned fine-tunes read the latent cache."""
-    if condition is not None:
+def check_condition(root: str, stage: str, condition: str | None) -> None:
+    """A conditioned fine-tune needs its ``<stage>+<condition>`` items: one ConfigError line
+    naming the command that writes them when the corpus lacks them."""
+    if condition is None:
+        return
+    key = stage_key(stage, condition)
+    if key not in read_manifest(root)["stages"]:
         raise ConfigError(
-            f"{root}: a corpus holds no {condition} labels yet; train --condition stages on "
-            "the latent cache (jobs/encode_latents.py output)"
+            f"{root}: no {key} items (labelled latents); write them with jobs/prepare_corpus.py "
+            f"--stages {stage} --condition {condition} --latents <latent cache>"
         )

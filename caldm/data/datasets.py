@@ -166,6 +166,62 @@ class SliceWindowDataset(_VolumeStream):
             yield {"window": _tensor(volume[index][:, None])}
 
 
+def latent_label(
+    layout: DatasetLayout,
+    cfg: Config,
+    condition: Literal["layers", "vessels"],
+    kind: Literal["diff3d", "refiner"],
+    sample_id: str,
+) -> np.ndarray:
+    """The class fractions a conditioned ``kind`` reads beside cached latents ``sample_id``.
+
+    The volume's label, checked against ``cfg.model.condition.layer_classes``, moved with a
+    shifted view's volume (``<id>@<rows>``), reduced to :func:`encoder_grid`.
+    """
+    volume_id, rows = parse_view(sample_id)
+    url = layout.label_url(condition, volume_id)
+    classes = cfg.model.condition.layer_classes
+    label = check_label(read_label(url, condition), condition, url, classes)
+    if rows and condition == "layers":  # the view's volume was moved down by rows
+        rows = int(round(rows * label.shape[1] / cfg.model.image_shape[1]))
+        label = shift_depth(label, rows, axis=1)
+    return reduce_label(label, condition, encoder_grid(cfg, condition, kind), classes)
+
+
+def augment_latents(
+    item: dict[str, np.ndarray],
+    cfg: Config,
+    condition: str | None,
+    kind: str,
+    rng: np.random.Generator,
+) -> Item:
+    """Move latents and label together (``cfg.data.augment``), then make float tensors.
+
+    Latents are ``(c, [D,] H', W')``, the label ``(C, [D,] 2H', 2W')`` (vessels: no H); a
+    shift of s latent rows moves the label by the same depth. Edges are replicated (the rows
+    entering are vitreous or sclera, like the rows they copy). Items without a label pass.
+    """
+    aug = cfg.data.augment
+    if "label" in item:
+        latent_h = item["z" if "z" in item else "z_hr"].shape[-2]
+        most = int(round(aug.shift * latent_h))
+        s = int(rng.integers(-most, most + 1)) if most else 0
+        flip_w = aug.flip_w and rng.random() < 0.5
+        flip_d = aug.flip_d and kind == "diff3d" and rng.random() < 0.5
+        layers = condition == "layers"
+        for key, array in item.items():
+            is_label = key == "label"
+            if s and (layers or not is_label):
+                factor = array.shape[-2] // latent_h if is_label else 1
+                array = shift_depth(array, s * factor, axis=-2)
+            if flip_w:
+                array = array[..., ::-1]
+            if flip_d:
+                array = array[:, ::-1]
+            item[key] = array
+    return {k: _tensor(v.astype(np.float32, copy=False)) for k, v in item.items()}
+
+
 class LatentDataset(_ShardedStream):
     """diff3d / refiner: cached latents, optionally with a layer or vessel label.
 
@@ -228,43 +284,13 @@ class LatentDataset(_ShardedStream):
             if not np.isfinite(tensors[key]).all():
                 raise DataError(url, f"{key} contains NaN or Inf values")
         if self.condition is not None and self.layout is not None:
-            volume_id, rows = parse_view(sample_id)
-            url = self.layout.label_url(self.condition, volume_id)
-            classes = model.condition.layer_classes
-            label = check_label(read_label(url, self.condition), self.condition, url, classes)
-            if rows and self.condition == "layers":  # the view's volume was moved down by rows
-                rows = int(round(rows * label.shape[1] / model.image_shape[1]))
-                label = shift_depth(label, rows, axis=1)
-            grid = encoder_grid(self.cfg, self.condition, self.kind)
-            tensors["label"] = reduce_label(label, self.condition, grid, classes)
+            tensors["label"] = latent_label(
+                self.layout, self.cfg, self.condition, self.kind, sample_id
+            )
         return tensors
 
     def _augment(self, item: dict[str, np.ndarray], rng: np.random.Generator) -> Item:
-        """Move latents and label together (``cfg.data.augment``), then make tensors.
-
-        Latents are ``(c, [D,] H', W')``, the label ``(C, [D,] 2H', 2W')`` (vessels: no H);
-        a shift of s latent rows moves the label by the same depth. Edges are replicated (the
-        rows entering are vitreous or sclera, like the rows they copy).
-        """
-        aug = self.cfg.data.augment
-        if "label" in item:
-            latent_h = item["z" if "z" in item else "z_hr"].shape[-2]
-            most = int(round(aug.shift * latent_h))
-            s = int(rng.integers(-most, most + 1)) if most else 0
-            flip_w = aug.flip_w and rng.random() < 0.5
-            flip_d = aug.flip_d and self.kind == "diff3d" and rng.random() < 0.5
-            layers = self.condition == "layers"
-            for key, array in item.items():
-                is_label = key == "label"
-                if s and (layers or not is_label):
-                    factor = array.shape[-2] // latent_h if is_label else 1
-                    array = shift_depth(array, s * factor, axis=-2)
-                if flip_w:
-                    array = array[..., ::-1]
-                if flip_d:
-                    array = array[:, ::-1]
-                item[key] = array
-        return {k: _tensor(v.astype(np.float32, copy=False)) for k, v in item.items()}
+        return augment_latents(item, self.cfg, self.condition, self.kind, rng)
 
     def _items(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> Iterator[Item]:
         keep = ("label",) if "label" in sample else ()

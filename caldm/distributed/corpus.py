@@ -2,7 +2,9 @@
 
 One task per volume reads it once (normalise, resize) and writes a shard for every image
 stage asked for; with a latent cache, the same task converts the volume's cached latents into
-the diffusion stages' bf16 rows. Shards that exist are skipped, so a killed job resumes.
+the diffusion stages' bf16 rows, and with a ``condition`` into labelled rows (the volume's
+label reduced once to what the condition encoder reads, for the volume and each of its
+shifted views). Shards that exist are skipped, so a killed job resumes.
 Tasks take ``cpus_per_task`` CPUs and run at most ``workers`` at once (the caller's choice,
 never read from the cluster at start).
 """
@@ -33,13 +35,17 @@ def volume_shards(
     latents: str | None,
     draws: dict[str, int],
     seed: int,
+    condition: str | None = None,
 ) -> dict[str, int]:
-    """Write the missing shards of one volume; returns rows per stage written (0: existed)."""
+    """Write the missing shards of one volume; returns rows per stage written (0: existed).
+
+    With ``condition`` the latent stages are written as ``<stage>+<condition>`` items."""
     from caldm.data.io import read_bytes, url_exists
     from caldm.data.layout import DatasetLayout
     from caldm.data.preprocess import read_model_volume
 
-    todo = [s for s in stages if not url_exists(C.shard_url(out, s, sample_id))]
+    keys = {s: C.stage_key(s, condition) if s in C.LATENT_STAGES else s for s in stages}
+    todo = [s for s in stages if not url_exists(C.shard_url(out, keys[s], sample_id))]
     written = dict.fromkeys(stages, 0)
     # the volume's own stream: the same draws whatever the order the tasks run in
     rng = np.random.default_rng([seed, zlib.crc32(sample_id.encode())])
@@ -53,12 +59,26 @@ def volume_shards(
     if lat:
         from safetensors.numpy import load
 
-        from caldm.data.latents import latent_url
+        from caldm.data.datasets import latent_label
+        from caldm.data.latents import cached_ids, latent_url, parse_view
 
-        tensors = load(read_bytes(latent_url(latents, sample_id)))
+        # a labelled stage also carries the volume's shifted views (their labels moved with them)
+        views = [sample_id]
+        if condition is not None:
+            views += sorted(
+                i for i in cached_ids(latents) if i != sample_id and parse_view(i)[0] == sample_id
+            )
         for stage in lat:
-            rows = C.latent_rows(stage, tensors)
-            written[stage] = C.write_shard(C.shard_url(out, stage, sample_id), sample_id, rows)
+            rows: dict[str, list[bytes]] = {}
+            for view in views:
+                tensors = load(read_bytes(latent_url(latents, view)))
+                label = None
+                if condition is not None:
+                    label = latent_label(DatasetLayout(data), cfg, condition, stage, view)
+                for k, v in C.latent_rows(stage, tensors, label).items():
+                    rows.setdefault(k, []).extend(v)
+            url = C.shard_url(out, keys[stage], sample_id)
+            written[stage] = C.write_shard(url, sample_id, rows)
     return written
 
 
@@ -73,8 +93,12 @@ def prepare_corpus(
     workers: int = 1,
     cpus_per_task: float = 1.0,
     seed: int = 0,
+    condition: str | None = None,
 ) -> dict[str, Any]:
-    """Write (or complete) the corpus of ``stages`` under ``out``; returns ``corpus.json``."""
+    """Write (or complete) the corpus of ``stages`` under ``out``; returns ``corpus.json``.
+
+    With ``condition`` (layers or vessels) the latent stages are written as labelled
+    ``<stage>+<condition>`` items, the layer class count taken from the labels of ``data``."""
     from caldm.data.io import read_bytes, write_bytes
     from caldm.data.layout import DatasetLayout
     from caldm.distributed.cluster import ensure_ray
@@ -87,6 +111,11 @@ def prepare_corpus(
         raise ConfigError("--stages diff3d/refiner need --latents (jobs/encode_latents.py)")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if condition not in (None, "layers", "vessels"):
+        raise ConfigError(f"--condition must be layers or vessels, got {condition!r}")
+    if condition and not any(s in C.LATENT_STAGES for s in stages):
+        raise ConfigError("--condition labels the diffusion stages: add diff3d and/or refiner "
+                          "to --stages")  # fmt: skip
     draws = {**DEFAULT_DRAWS, **(draws or {})}
     data, out = absolute(data), absolute(out)
     latents = absolute(latents) if latents else None
@@ -96,13 +125,19 @@ def prepare_corpus(
         if missing:
             raise ConfigError(f"--ids: {missing[0]} is not a volume of {data}")
     ids = sorted(ids if ids is not None else all_ids)
-    C.check_shapes(out, cfg, stages)  # before any work
+    if condition == "layers":
+        from caldm.data.datasets import num_layer_classes
+
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.condition.layer_classes = num_layer_classes(data)
+    keys = tuple(C.stage_key(s, condition) if s in C.LATENT_STAGES else s for s in stages)
+    C.check_shapes(out, cfg, keys)  # before any work
     ray = ensure_ray()
     ray.data.DataContext.get_current().print_on_execution_start = False
 
     def shards(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [
-            volume_shards(str(i), data, out, stages, cfg, latents, draws, seed)
+            volume_shards(str(i), data, out, stages, cfg, latents, draws, seed, condition)
             for i in batch["id"]
         ]
         return {
@@ -118,8 +153,6 @@ def prepare_corpus(
     written = {s: sum(int(r[s]) for r in results) for s in stages}
     if latents:  # the diffusion stages scale latents by the cache's statistics
         write_bytes(f"{out}/stats.json", read_bytes(f"{latents}/stats.json"))
-    manifest = C.update_manifest(
-        out, cfg, stages, ids, draws, data=data, latents=latents, seed=seed
-    )
+    manifest = C.update_manifest(out, cfg, keys, ids, draws, data=data, latents=latents, seed=seed)
     log.warning("corpus %s: %s rows written (%d volumes)", out, written, len(ids))
     return {"written": written, **manifest}

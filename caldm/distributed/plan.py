@@ -200,11 +200,16 @@ def check_resume(previous: dict[str, Any], record: dict[str, Any], out: str) -> 
 
 def _layer_classes(latents: str, bundle: Bundle | None) -> int:
     """Layer classes of a layers-conditioned run: counted in the labels of the dataset the
-    latents were encoded from; a bundle already conditioned on layers must agree with them."""
+    latents (a latent cache or a corpus) were made from; a bundle already conditioned on layers
+    must agree with them."""
+    from caldm.data import corpus
     from caldm.data.datasets import num_layer_classes
     from caldm.data.latents import read_latent_source
 
-    source = read_latent_source(latents)["data"]
+    if corpus.is_corpus(latents):
+        source = corpus.read_manifest(latents)["data"]
+    else:
+        source = read_latent_source(latents)["data"]
     classes = num_layer_classes(source)
     meta = bundle.meta if bundle is not None else {}
     have = meta.get("num_classes") if meta.get("condition") == "layers" else None
@@ -314,15 +319,14 @@ def plan(req: TrainRequest) -> TrainPlan:
     num_classes = None
     latent_scale = 1.0
     if spec.diffusion:
+        if req.condition == "layers":  # before the dataset: a corpus's label shape has them
+            num_classes = _layer_classes(data, bundle)
+            cfg.model.condition.layer_classes = num_classes
         training_dataset(req.stage, data, cfg, req.condition, exclude, 0, req.workers)
         std = latent_stats(data)["z" if req.stage == "diff3d" else "z_hr"]["std"]
         if bundle is not None and set(spec.encoders) <= set(bundle.meta.get("sha256", {})):
-
             check_nhae(data, nhae_hash(bundle))  # latents of this bundle's NHAE
         latent_scale = 1.0 / max(float(std), 1e-8)
-        if req.condition == "layers":
-            num_classes = _layer_classes(data, bundle)
-            cfg.model.condition.layer_classes = num_classes
     else:
         training_dataset(req.stage, data, cfg, None, exclude, 0, req.workers)
 

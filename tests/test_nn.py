@@ -232,6 +232,8 @@ def test_adaptive_gan_weight_balances_the_gradients_at_the_decoder_output() -> N
         x_rec = (x * 0.8).requires_grad_(True)
         logits = scale * (probe * x_rec).sum((1, 2, 3))  # a stand-in discriminator
         parts = loss(x, x_rec, logits)
+        want = parts["l1"] + parts.get("adv_weight", 0.5) * parts["g_adv"]
+        assert parts["loss"].item() == pytest.approx(want.item(), rel=1e-5)  # the logged value
         (rec,) = torch.autograd.grad(parts["l1"], x_rec, retain_graph=True)
         (total,) = torch.autograd.grad(parts["loss"], x_rec)
         return float((total - rec).norm() / rec.norm())

@@ -14,7 +14,7 @@ The perceptual term (``model.loss.perceptual``) is one of:
 ``auto`` (the default) is ``vgg`` when a weights path is given, else ``ssim``.
 
 The adversarial term has a fixed weight (``adv_weight``), or with ``adv_adaptive`` LDM's adaptive
-one (:func:`adaptive_weight`), which keeps the GAN term as strong as the reconstruction terms.
+one (:func:`adaptive_adversarial`), which keeps the GAN term as strong as the reconstruction terms.
 """
 
 from __future__ import annotations
@@ -75,21 +75,28 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
 
 
-def adaptive_weight(
+def adaptive_adversarial(
     rec: torch.Tensor, adv: torch.Tensor, x_rec: torch.Tensor, max_weight: float = 1e4
-) -> torch.Tensor:
-    """LDM's adaptive GAN weight, ``|d rec / d x_rec| / |d adv / d x_rec|`` (detached).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LDM's adaptive GAN weight ``w = |d rec / d x_rec| / |d adv / d x_rec|`` (detached) and
+    the adversarial term to add to the loss, ``(w * adv, w)``.
 
     LDM takes the gradients at the decoder's last layer weights; here they are taken at the
     decoder's output, which every ZeRO stage keeps whole (ZeRO-3 partitions the weights). Both
-    balance the two terms where they reach the decoder. 1 where there is no graph (validation).
+    balance the two terms where they reach the decoder.
+
+    The discriminator is backpropagated once, here: the returned term has the value ``w * adv``
+    but reaches ``x_rec`` through ``d adv / d x_rec`` already computed (ZeRO-3 frees the
+    discriminator's gathered weights after a backward pass, so a second one through it fails).
+    Without a graph (validation) it is ``adv`` with ``w = 1``.
     """
     if not (rec.requires_grad and adv.requires_grad and x_rec.requires_grad):
-        return torch.ones((), device=x_rec.device)
-    g_rec, g_adv = (
-        torch.autograd.grad(loss, x_rec, retain_graph=True)[0].norm() for loss in (rec, adv)
-    )
-    return (g_rec / (g_adv + 1e-4)).clamp(0.0, max_weight).detach()
+        return adv, torch.ones((), device=adv.device)
+    (g_rec,) = torch.autograd.grad(rec, x_rec, retain_graph=True)
+    (g_adv,) = torch.autograd.grad(adv, x_rec)
+    w = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    through = (x_rec * g_adv.detach()).sum()  # its gradient at x_rec is g_adv
+    return w * (through + (adv.detach() - through.detach())), w
 
 
 class HybridLoss(nn.Module):
@@ -125,12 +132,11 @@ class HybridLoss(nn.Module):
             parts["perceptual"] = self.perceptual(x.float(), x_rec.float())
             total = total + self.cfg.perceptual_weight * parts["perceptual"]
         if fake_logits is not None:
-            parts["g_adv"] = -fake_logits.mean()
-            weight = self.cfg.adv_weight
+            parts["g_adv"] = adv = -fake_logits.mean()
             if self.cfg.adv_adaptive:
-                weight = weight * adaptive_weight(total, parts["g_adv"], x_rec)
-                parts["adv_weight"] = weight
-            total = total + weight * parts["g_adv"]
+                adv, w = adaptive_adversarial(total, adv, x_rec)
+                parts["adv_weight"] = self.cfg.adv_weight * w
+            total = total + self.cfg.adv_weight * adv
         if mu is not None and log_var is not None:
             parts["kl"] = kl_loss(mu.float(), log_var.float())
             total = total + self.cfg.kl_weight * parts["kl"]

@@ -71,10 +71,11 @@ def root(tmp_path_factory) -> Path:
         written = volume_shards(i, str(root / "data"), corpus, ALL, cfg, str(root / "latents"),
                                 DRAWS, 0)  # fmt: skip
         assert written == {"ae2d": 32, "nhae": 8, "adaptor": 8, "diff3d": 1, "refiner": 32}
+        views = (view,) if i == ids[1] else ()
         written = volume_shards(i, str(root / "data"), corpus, C.LATENT_STAGES, cfg,
-                                str(root / "latents"), DRAWS, 0, condition="layers")  # fmt: skip
-        views = 2 if i == ids[1] else 1
-        assert written == {"diff3d": views, "refiner": 32 * views}
+                                str(root / "latents"), DRAWS, 0, "layers", views)  # fmt: skip
+        n = 1 + len(views)  # the volume and its view
+        assert written == {"diff3d": n, "refiner": 32 * n}
     C.update_manifest(corpus, cfg, ALL, ids, DRAWS)
     C.update_manifest(corpus, cfg, LABELLED, ids, DRAWS)
     (root / "corpus" / "stats.json").write_text((root / "latents" / "stats.json").read_text())

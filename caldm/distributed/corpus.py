@@ -36,10 +36,12 @@ def volume_shards(
     draws: dict[str, int],
     seed: int,
     condition: str | None = None,
+    views: tuple[str, ...] = (),
 ) -> dict[str, int]:
     """Write the missing shards of one volume; returns rows per stage written (0: existed).
 
-    With ``condition`` the latent stages are written as ``<stage>+<condition>`` items."""
+    With ``condition`` the latent stages are written as ``<stage>+<condition>`` items, with a
+    row for the volume and for each of its shifted ``views`` (latent cache ids)."""
     from caldm.data.io import read_bytes, url_exists
     from caldm.data.layout import DatasetLayout
     from caldm.data.preprocess import read_model_volume
@@ -60,17 +62,13 @@ def volume_shards(
         from safetensors.numpy import load
 
         from caldm.data.datasets import latent_label
-        from caldm.data.latents import cached_ids, latent_url, parse_view
+        from caldm.data.latents import latent_url
 
         # a labelled stage also carries the volume's shifted views (their labels moved with them)
-        views = [sample_id]
-        if condition is not None:
-            views += sorted(
-                i for i in cached_ids(latents) if i != sample_id and parse_view(i)[0] == sample_id
-            )
+        cache_ids = [sample_id, *(views if condition is not None else ())]
         for stage in lat:
             rows: dict[str, list[bytes]] = {}
-            for view in views:
+            for view in cache_ids:
                 tensors = load(read_bytes(latent_url(latents, view)))
                 label = None
                 if condition is not None:
@@ -132,12 +130,21 @@ def prepare_corpus(
         cfg.model.condition.layer_classes = num_layer_classes(data)
     keys = tuple(C.stage_key(s, condition) if s in C.LATENT_STAGES else s for s in stages)
     C.check_shapes(out, cfg, keys)  # before any work
+    views: dict[str, list[str]] = {}
+    if condition is not None and latents:  # the cache is listed once, not once per volume
+        from caldm.data.latents import cached_ids, parse_view
+
+        for cache_id in cached_ids(latents):
+            volume, rows = parse_view(cache_id)
+            if rows:
+                views.setdefault(volume, []).append(cache_id)
     ray = ensure_ray()
     ray.data.DataContext.get_current().print_on_execution_start = False
 
     def shards(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [
-            volume_shards(str(i), data, out, stages, cfg, latents, draws, seed, condition)
+            volume_shards(str(i), data, out, stages, cfg, latents, draws, seed, condition,
+                          tuple(sorted(views.get(str(i), ()))))  # fmt: skip
             for i in batch["id"]
         ]
         return {

@@ -166,22 +166,32 @@ class SliceWindowDataset(_VolumeStream):
             yield {"window": _tensor(volume[index][:, None])}
 
 
+def volume_label(
+    layout: DatasetLayout, cfg: Config, condition: Literal["layers", "vessels"], volume_id: str
+) -> np.ndarray:
+    """A volume's label, read and checked against ``cfg.model.condition.layer_classes``."""
+    url = layout.label_url(condition, volume_id)
+    classes = cfg.model.condition.layer_classes
+    return check_label(read_label(url, condition), condition, url, classes)
+
+
 def latent_label(
     layout: DatasetLayout,
     cfg: Config,
     condition: Literal["layers", "vessels"],
     kind: Literal["diff3d", "refiner"],
     sample_id: str,
+    label: np.ndarray | None = None,
 ) -> np.ndarray:
     """The class fractions a conditioned ``kind`` reads beside cached latents ``sample_id``.
 
-    The volume's label, checked against ``cfg.model.condition.layer_classes``, moved with a
-    shifted view's volume (``<id>@<rows>``), reduced to :func:`encoder_grid`.
+    The volume's label (:func:`volume_label`, or ``label`` when the caller has read it already),
+    moved with a shifted view's volume (``<id>@<rows>``), reduced to :func:`encoder_grid`.
     """
     volume_id, rows = parse_view(sample_id)
-    url = layout.label_url(condition, volume_id)
     classes = cfg.model.condition.layer_classes
-    label = check_label(read_label(url, condition), condition, url, classes)
+    if label is None:
+        label = volume_label(layout, cfg, condition, volume_id)
     if rows and condition == "layers":  # the view's volume was moved down by rows
         rows = int(round(rows * label.shape[1] / cfg.model.image_shape[1]))
         label = shift_depth(label, rows, axis=1)

@@ -61,22 +61,26 @@ def volume_shards(
     if lat:
         from safetensors.numpy import load
 
-        from caldm.data.datasets import latent_label
+        from caldm.data.datasets import latent_label, volume_label
         from caldm.data.latents import latent_url
 
-        # a labelled stage also carries the volume's shifted views (their labels moved with them)
+        layout = DatasetLayout(data)
+        # read once per volume: a labelled stage also carries the volume's shifted views (the
+        # label moved with each), and both stages reduce the same label to their grids
+        label = volume_label(layout, cfg, condition, sample_id) if condition else None
         cache_ids = [sample_id, *(views if condition is not None else ())]
+        rows: dict[str, dict[str, list[bytes]]] = {stage: {} for stage in lat}
+        for view in cache_ids:
+            tensors = load(read_bytes(latent_url(latents, view)))
+            for stage in lat:
+                reduced = None
+                if label is not None:
+                    reduced = latent_label(layout, cfg, condition, stage, view, label)
+                for k, v in C.latent_rows(stage, tensors, reduced).items():
+                    rows[stage].setdefault(k, []).extend(v)
         for stage in lat:
-            rows: dict[str, list[bytes]] = {}
-            for view in cache_ids:
-                tensors = load(read_bytes(latent_url(latents, view)))
-                label = None
-                if condition is not None:
-                    label = latent_label(DatasetLayout(data), cfg, condition, stage, view)
-                for k, v in C.latent_rows(stage, tensors, label).items():
-                    rows.setdefault(k, []).extend(v)
             url = C.shard_url(out, keys[stage], sample_id)
-            written[stage] = C.write_shard(url, sample_id, rows)
+            written[stage] = C.write_shard(url, sample_id, rows[stage])
     return written
 
 

@@ -55,8 +55,8 @@ class Adaptors(nn.Module):
         return sum(a.conv.kernel_size[0] // 2 for a in self.adaptors.values())
 
     def checkpoint_activations(self) -> None:
-        """Keep only each adaptor's input for backward (its norm, activation and padded conv
-        input are recomputed): the adaptor stage's activations are full-resolution volumes."""
+        """Keep only each adaptor's input for backward (its norm, activation and conv are
+        recomputed): the adaptor stage's activations are full-resolution volumes."""
         enable_checkpointing(self.adaptors.values())
 
 

@@ -35,6 +35,9 @@ class AE2DConfig(_Strict):
     num_res_blocks: int = 2
     norm_num_groups: int = 32
     attention: bool = True  # self-attention in the lowest-resolution middle block
+    # Dec2D draws speckle from per-pixel noise inputs (caldm.nn.blocks.noise). Off by default
+    # so that bundles written before the key load as trained; presets turn it on.
+    noise: bool = False
 
 
 class Enc3DConfig(_Strict):

@@ -117,12 +117,19 @@ def test_cli_errors_are_one_line(
 
 
 def test_exact_and_chunked_run_and_agree_without_adaptors() -> None:
+    """Also with Dec2D's noise inputs acting: a slice's noise is keyed by its latent, not by
+    the window or chunk it is decoded in."""
     cfg = preset("tiny")
+    cfg.model.ae2d.noise = True
     torch.manual_seed(0)
+    dec2d = build("dec2d", cfg)
+    assert len(dec2d.noise) > 0
+    for injection in dec2d.noise.values():
+        torch.nn.init.normal_(injection.scale, std=0.5)
     adaptors = build("adaptors", cfg)
     for a in adaptors.adaptors.values():
         a.alpha.data.zero_()  # no adaptor influence: both modes reduce to Dec2D per slice
-    decm = DecM(build("dec2d", cfg), adaptors).eval()
+    decm = DecM(dec2d, adaptors).eval()
     d = 13
     z = torch.randn(d, *cfg.model.slice_latent_shape)
     outputs = {}

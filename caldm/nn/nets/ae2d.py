@@ -6,12 +6,15 @@ encoder of the refiner (z_hr_i = Enc2D(x_i)); Dec2D is frozen inside DecM and in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from monai.networks.nets.autoencoderkl import Decoder, Encoder
+from monai.networks.nets.autoencoderkl import AEKLResBlock, Decoder, Encoder, Upsample
 from torch import nn
 
 from caldm.config import AE2DConfig
 from caldm.nn.blocks.checkpointing import enable_checkpointing
+from caldm.nn.blocks.noise import NoiseInjection, latent_key
 
 
 def _levels(cfg: AE2DConfig) -> dict:
@@ -50,8 +53,10 @@ class Enc2D(nn.Module):
 class Dec2D(nn.Module):
     """Latent slice ``(B, c, H', W')`` -> image slice ``(B, 1, H, W)``.
 
-    ``blocks`` is the decoder's sequence of layers; DecM walks the same sequence and inserts
-    3D adaptors after each residual block.
+    ``blocks`` is the decoder's sequence of layers; DecM walks the same sequence
+    (:meth:`run`) and inserts 3D adaptors after each residual block. With ``cfg.noise`` a
+    :class:`~caldm.nn.blocks.noise.NoiseInjection` follows each full-resolution residual block
+    (fresh noise in training, noise keyed by the latent slice in evaluation).
     """
 
     def __init__(self, cfg: AE2DConfig, latent_channels: int = 4) -> None:
@@ -62,16 +67,35 @@ class Dec2D(nn.Module):
             out_channels=1,
             **_levels(cfg),
         )
+        self.noise = nn.ModuleDict()
+        if cfg.noise:
+            last = sum(isinstance(b, Upsample) for b in self.blocks)
+            level = 0
+            for i, block in enumerate(self.blocks):
+                level += isinstance(block, Upsample)
+                if level == last and isinstance(block, AEKLResBlock):
+                    self.noise[str(i)] = NoiseInjection(block.out_channels, salt=i)
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.decoder.blocks
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def run(
+        self, z: torch.Tensor, after: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Decode ``(N, c, H', W')``; ``after(i, h)`` follows block ``i`` (DecM's adaptors)."""
+        key = latent_key(z) if len(self.noise) and not self.training else None
         h = self.post_quant_conv(z)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             h = block(h)
+            if str(i) in self.noise:
+                h = self.noise[str(i)](h, key)
+            if after is not None:
+                h = after(i, h)
         return h
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.run(z)
 
     def checkpoint_activations(self) -> None:
         enable_checkpointing(self.blocks)

@@ -74,12 +74,12 @@ class DecM(nn.Module):
 
     def forward(self, z: torch.Tensor, use_adaptors: bool = True) -> torch.Tensor:
         b, n = z.shape[:2]
-        h = self.dec2d.post_quant_conv(z.flatten(0, 1))
         table = self.adaptors.adaptors if (use_adaptors and self.adaptors is not None) else {}
-        for i, block in enumerate(self.dec2d.blocks):
-            h = block(h)
-            if str(i) in table:
-                h = table[str(i)](h, n)
+
+        def adapt(i: int, h: torch.Tensor) -> torch.Tensor:
+            return table[str(i)](h, n) if str(i) in table else h
+
+        h = self.dec2d.run(z.flatten(0, 1), adapt)
         return h.reshape(b, n, *h.shape[1:])
 
     def decode_center(self, window: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,8 @@ class AE2DConfig(_Strict):
     norm_num_groups: int = 32
     attention: bool = True  # self-attention in the lowest-resolution middle block
     # Dec2D draws speckle from per-pixel noise inputs (caldm.nn.blocks.noise). Off by default
-    # so that bundles written before the key load as trained; presets turn it on.
+    # so that bundles written before the key load as trained; presets turn it on (with the
+    # low-pass pixel term, model.loss.l1_lowpass_sigma, which lets it learn to).
     noise: bool = False
 
 
@@ -67,9 +68,18 @@ class AdaptorConfig(_Strict):
     """
 
     kernel_size: int = 3
+    # In-plane extent of the conv (odd); 1 mixes slices only. Presets use 1 (measured in
+    # benchmarks/results/recipe_cpu.md); 3 stays the default so older bundles load.
+    in_plane: int = 3
     alpha_init: float = 0.0
     form: Literal["mix", "residual"] = "mix"
     levels: list[int] | None = None  # decoder levels that get adaptors; None = all
+
+    @model_validator(mode="after")
+    def _extents(self) -> AdaptorConfig:
+        if self.in_plane < 1 or self.in_plane % 2 != 1:
+            raise ValueError("in_plane must be odd and >= 1 (1: across slices only)")
+        return self
 
 
 class UNetConfig(_Strict):
@@ -105,8 +115,12 @@ class LossConfig(_Strict):
     """The LDM hybrid loss for the autoencoder stages."""
 
     l1_weight: float = 1.0
-    # The perceptual term (caldm.nn.losses.perceptual_term): "auto" is VGG/LPIPS when
-    # perceptual_weights_path is given, else "ssim" (MONAI's SSIM, nothing to download).
+    # L1 on Gaussian-blurred images (this sigma, px) when > 0: the pixel term keeps the low
+    # frequencies (anatomy) and leaves the high ones (speckle) to the GAN and perceptual terms,
+    # as frequency-separation super-resolution does; plain L1 pays for every drawn speckle.
+    l1_lowpass_sigma: float = 0.0
+    # The perceptual term (caldm.nn.losses.perceptual_kind): "auto" is VGG/LPIPS when
+    # perceptual_weights_path is given, else "spectral" (Fourier amplitudes, no download).
     perceptual: Literal["auto", "vgg", "ssim", "spectral", "none"] = "auto"
     perceptual_weight: float = 0.3
     perceptual_weights_path: str | None = None  # VGG16 weights for "vgg" (never downloaded)
@@ -291,8 +305,14 @@ class Config(_Strict):
 
 # Every preset: LDM's adaptive GAN weight at 0.5 (the released recipe), chosen by measurement
 # (benchmarks/results/recipe_cpu.md: 3 seeds of ae2d at the tiny preset, vessel contrast
-# 0.79 -> 0.90, layer Dice 0.849 -> 0.863).
-_LOSS = {"adv_adaptive": True, "adv_weight": 0.5}
+# 0.79 -> 0.90, layer Dice 0.849 -> 0.863). The pixel term on low frequencies only (sigma 1 px)
+# with Dec2D's noise inputs and the spectral term: speckle drawn, not averaged away (2 seeds:
+# TV ratio 0.56 -> 0.96, layer Dice 0.833 -> 0.872, vessel contrast 0.93 -> 1.34).
+_LOSS = {"adv_adaptive": True, "adv_weight": 0.5, "l1_lowpass_sigma": 1.0}
+_AE2D = {"noise": True}
+# Adaptors that mix slices only (in_plane 1): border strips, texture and vessel contrast no
+# worse than with a 3x3 in-plane kernel in 3 runs, at a ninth of the conv's weights.
+_ADAPTOR = {"form": "residual", "alpha_init": 1.0, "in_plane": 1}
 
 
 def _paper() -> dict[str, Any]:
@@ -301,7 +321,7 @@ def _paper() -> dict[str, Any]:
         "model": {
             "image_shape": (512, 512, 512),
             "thumbnail_shape": (256, 256, 256),
-            "ae2d": {"channels": [128, 256, 512, 512], "num_res_blocks": 2},
+            "ae2d": {"channels": [128, 256, 512, 512], "num_res_blocks": 2, **_AE2D},
             "enc3d": {"channels": [32, 64, 128], "num_res_blocks": 1},
             "f_sr": {"channels": [128, 128, 64, 64], "num_res_blocks": 1},
             "diff3d": {
@@ -314,7 +334,7 @@ def _paper() -> dict[str, Any]:
                 "attention_levels": [False, True, True, True],
                 "num_res_blocks": 2,
             },
-            "adaptor": {"form": "residual", "alpha_init": 1.0},
+            "adaptor": dict(_ADAPTOR),
             "condition": {"channels": 32},
             "discriminator": {"channels": 64, "num_layers": 3},
             "loss": dict(_LOSS),
@@ -330,7 +350,7 @@ def _small() -> dict[str, Any]:
         "model": {
             "image_shape": (128, 128, 128),
             "thumbnail_shape": (64, 64, 64),
-            "ae2d": {"channels": [64, 128, 128, 256], "num_res_blocks": 1},
+            "ae2d": {"channels": [64, 128, 128, 256], "num_res_blocks": 1, **_AE2D},
             "enc3d": {"channels": [16, 32, 64], "num_res_blocks": 1},
             "f_sr": {"channels": [64, 64, 32, 32], "num_res_blocks": 1},
             "diff3d": {
@@ -345,7 +365,7 @@ def _small() -> dict[str, Any]:
                 "num_res_blocks": 1,
                 "num_head_channels": 32,
             },
-            "adaptor": {"form": "residual", "alpha_init": 1.0},
+            "adaptor": dict(_ADAPTOR),
             "condition": {"channels": 16},
             "discriminator": {"channels": 32, "num_layers": 3},
             "loss": dict(_LOSS),
@@ -362,6 +382,7 @@ def _tiny() -> dict[str, Any]:
             "image_shape": (32, 64, 64),
             "thumbnail_shape": (16, 32, 32),
             "ae2d": {
+                **_AE2D,
                 "channels": [16, 32, 32, 32],
                 "num_res_blocks": 1,
                 "norm_num_groups": 8,
@@ -383,7 +404,7 @@ def _tiny() -> dict[str, Any]:
                 "num_head_channels": 16,
                 "norm_num_groups": 8,
             },
-            "adaptor": {"form": "residual", "alpha_init": 1.0},
+            "adaptor": dict(_ADAPTOR),
             "condition": {"channels": 8},
             "discriminator": {"channels": 8, "num_layers": 2},
             "loss": {"adv_start_step": 50, **_LOSS},

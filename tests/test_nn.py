@@ -196,8 +196,8 @@ def test_default_perceptual_term_needs_no_download_and_penalises_smoothing() -> 
     from caldm.errors import ConfigError
     from caldm.nn.losses import HybridLoss
 
-    loss = HybridLoss(LossConfig())
-    assert loss.perceptual_kind == "ssim"
+    assert HybridLoss(LossConfig()).perceptual_kind == "spectral"
+    loss = HybridLoss(LossConfig(perceptual="ssim"))
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 1, 64, 64, generator=g) * 2 - 1  # speckle-like texture
     smooth = F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
@@ -215,6 +215,32 @@ def test_default_perceptual_term_needs_no_download_and_penalises_smoothing() -> 
     assert "perceptual" not in HybridLoss(LossConfig(perceptual="none"))(x, smooth)
     with pytest.raises(ConfigError, match="perceptual_weights_path"):
         HybridLoss(LossConfig(perceptual="vgg"))
+
+
+def test_lowpass_l1_leaves_speckle_to_the_other_terms_but_not_anatomy_or_borders() -> None:
+    """With ``l1_lowpass_sigma`` the pixel term hardly pays for another draw of the same
+    speckle, pays in full for a brightness change, and as much for a wrong border column as
+    for a wrong inner one."""
+    from caldm.config import LossConfig
+    from caldm.nn.losses import HybridLoss
+
+    plain = HybridLoss(LossConfig(perceptual="none"))
+    lowpass = HybridLoss(LossConfig(perceptual="none", l1_lowpass_sigma=1.0))
+    g = torch.Generator().manual_seed(0)
+    anatomy = torch.linspace(-0.8, 0.8, 64).view(1, 1, 64, 1).expand(2, 1, 64, 64)
+    x = anatomy * (1 + 0.3 * torch.randn(2, 1, 64, 64, generator=g))  # multiplicative speckle
+    other = anatomy * (1 + 0.3 * torch.randn(2, 1, 64, 64, generator=g))
+    brighter = x + 0.1
+
+    def l1(loss: HybridLoss, y: torch.Tensor) -> float:
+        return loss(x, y)["l1"].item()
+
+    assert l1(lowpass, other) < 0.3 * l1(plain, other)  # a new speckle draw: nearly free
+    assert l1(lowpass, brighter) == pytest.approx(l1(plain, brighter), rel=1e-3)
+    column = torch.zeros(1, 1, 32, 32)
+    column[..., 0] = 0.5
+    border, inner = (lowpass(torch.zeros_like(c), c)["l1"] for c in (column, column.roll(9, -1)))
+    assert border.item() == pytest.approx(inner.item(), rel=0.15)
 
 
 def test_adaptive_gan_weight_balances_the_gradients_at_the_decoder_output() -> None:

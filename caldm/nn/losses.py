@@ -6,12 +6,17 @@ The perceptual term (``model.loss.perceptual``) is one of:
   the user provides (``perceptual_weights_path``); nothing is downloaded.
 - ``ssim``: ``1 - SSIM`` (MONAI's :class:`~monai.losses.SSIMLoss`, Gaussian window). It compares
   local means, contrasts and structure, so unlike L1 it penalises a reconstruction that has
-  lost the speckle's local contrast (too smooth); needs no weights. The default without VGG.
+  lost the speckle's local contrast (too smooth); needs no weights.
 - ``spectral``: L1 between the images' Fourier amplitudes (MONAI's
-  :class:`~monai.losses.JukeboxLoss`): matches how much energy each frequency has, not where.
+  :class:`~monai.losses.JukeboxLoss`): matches how much energy each frequency has, not where,
+  so it rewards speckle of the right strength whatever its pattern. The default without VGG.
 - ``none``.
 
-``auto`` (the default) is ``vgg`` when a weights path is given, else ``ssim``.
+``auto`` (the default) is ``vgg`` when a weights path is given, else ``spectral``.
+
+With ``l1_lowpass_sigma`` the pixel term compares Gaussian-blurred images: anatomy (low
+frequencies) is still paid for pixel by pixel, speckle (high frequencies) only by the spectral
+and adversarial terms, so a decoder with noise inputs can draw it instead of its mean.
 
 The adversarial term has a fixed weight (``adv_weight``), or with ``adv_adaptive`` LDM's adaptive
 one (:func:`adaptive_adversarial`), which keeps the GAN term as strong as the reconstruction terms.
@@ -33,7 +38,7 @@ def perceptual_kind(cfg: LossConfig) -> str:
     if cfg.perceptual_weight <= 0:
         return "none"
     if cfg.perceptual == "auto":
-        return "vgg" if cfg.perceptual_weights_path else "ssim"
+        return "vgg" if cfg.perceptual_weights_path else "spectral"
     if cfg.perceptual == "vgg" and not cfg.perceptual_weights_path:
         raise ConfigError(
             "model.loss.perceptual=vgg needs model.loss.perceptual_weights_path (VGG16 "
@@ -113,6 +118,11 @@ class HybridLoss(nn.Module):
         }
         build = builders.get(self.perceptual_kind)
         self.perceptual = build() if build is not None else None
+        self.lowpass = None
+        if cfg.l1_lowpass_sigma > 0:
+            from monai.networks.layers import GaussianFilter
+
+            self.lowpass = GaussianFilter(spatial_dims=2, sigma=cfg.l1_lowpass_sigma, truncated=3.0)
 
     def adversarial_active(self, step: int) -> bool:
         return self.cfg.adv_weight > 0 and step >= self.cfg.adv_start_step
@@ -126,7 +136,14 @@ class HybridLoss(nn.Module):
         log_var: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Loss parts and their weighted sum under ``"loss"``; all scalars."""
-        parts: dict[str, torch.Tensor] = {"l1": (x - x_rec).abs().mean()}
+        diff = x - x_rec
+        if self.lowpass is not None:
+            # blur(x) - blur(x_rec), the border replicated: zeros there would pay less for
+            # the border columns, and the decoder drew strips into them
+            r = min(int(3 * self.cfg.l1_lowpass_sigma + 0.5), *(n - 1 for n in diff.shape[-2:]))
+            padded = F.pad(diff.float(), (r, r, r, r), mode="replicate")
+            diff = self.lowpass(padded)[..., r : padded.shape[-2] - r, r : padded.shape[-1] - r]
+        parts: dict[str, torch.Tensor] = {"l1": diff.abs().mean()}
         total = self.cfg.l1_weight * parts["l1"]
         if self.perceptual is not None:
             parts["perceptual"] = self.perceptual(x.float(), x_rec.float())

@@ -13,7 +13,8 @@ class Adaptor3D(nn.Module):
 
     Input and output are ``(B * n, C, h, w)``: the 2D layers of DecM see slices as batch items;
     the adaptor folds them into ``(B, C, n, h, w)``, applies GroupNorm, SiLU and a Conv3d whose
-    kernel spans ``kernel_size`` slices (``adapt(x)``), and combines the result with its input:
+    kernel spans ``kernel_size`` slices and ``in_plane`` pixels each way in the slice
+    (``adapt(x)``), and combines the result with its input:
 
     - ``mix`` (the paper): ``out = x + alpha * (adapt(x) - x)``. The identity at ``alpha = 0``,
       but there the conv gets no gradient and alpha only sees a random conv's output, so the
@@ -29,6 +30,7 @@ class Adaptor3D(nn.Module):
         alpha_init: float = 0.0,
         norm_num_groups: int = 32,
         form: Literal["mix", "residual"] = "mix",
+        in_plane: int = 3,
     ) -> None:
         super().__init__()
         if form not in ("mix", "residual"):
@@ -40,7 +42,10 @@ class Adaptor3D(nn.Module):
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.act = nn.SiLU()
         self.conv = nn.Conv3d(
-            channels, channels, (kernel_size, 3, 3), padding=(kernel_size // 2, 1, 1)
+            channels,
+            channels,
+            (kernel_size, in_plane, in_plane),
+            padding=(kernel_size // 2, in_plane // 2, in_plane // 2),
         )
         if form == "residual":
             nn.init.zeros_(self.conv.weight)

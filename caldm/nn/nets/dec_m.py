@@ -47,7 +47,7 @@ class Adaptors(nn.Module):
             if cfg.levels is None or level in cfg.levels:
                 ch = dec2d.blocks[idx].out_channels
                 self.adaptors[str(idx)] = Adaptor3D(
-                    ch, cfg.kernel_size, cfg.alpha_init, norm_num_groups, cfg.form
+                    ch, cfg.kernel_size, cfg.alpha_init, norm_num_groups, cfg.form, cfg.in_plane
                 )
 
     def halo(self) -> int:

@@ -38,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     from caldm.bundle import load_bundle
     from caldm.data.io import read_bytes
     from caldm.data.preprocess import from_unit_range, resize, to_unit_range
-    from caldm.metrics import MeanDice, slice_consistency, total_variation, vessel_contrast
+    from caldm.metrics import (
+        ColumnPersistence,
+        MeanDice,
+        slice_consistency,
+        total_variation,
+        vessel_contrast,
+    )
     from caldm.nn.inferers import SliceDecoder
     from caldm.nn.nets.dec_m import DecM
     from caldm.nn.nets.segmenter import segment_volume, segmenter_from_bytes
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     contrast: dict[str, list[float]] = {"real": [], "rec": []}
     tv: dict[str, list[float]] = {"real": [], "rec": []}
     strips: dict[str, dict[str, list[float]]] = {"real": {}, "rec": {}}
+    columns: dict[str, list[float]] = {"real": [], "rec": []}
     for pl in iter_pairs(a.heldout, "layers", cfg.num_classes):
         (pv,) = iter_pairs(a.heldout, "vessels", 3, ids=[pl.id])  # the same volume's vessels
         unit = resize(to_unit_range(pl.volume), shape, order="linear")
@@ -79,16 +86,19 @@ def main(argv: list[str] | None = None) -> int:
             tv[name].append(total_variation(to_unit_range(volume) * 0.5 + 0.5))
             for key, value in slice_consistency(volume).items():
                 strips[name].setdefault(key, []).append(value)
+            columns[name].append(ColumnPersistence()(volume))
     m = {k: {n: float(np.mean(v)) for n, v in d.items()} for k, d in
          (("dice", {n: s.values for n, s in dice.items()}), ("contrast", contrast), ("tv", tv))}
     ratios = {k: np.mean(strips["rec"][k]) / np.mean(strips["real"][k]) for k in strips["rec"]}
     print(f"| bundle | decoder | layer Dice (real {m['dice']['real']:.3f}) | vessel contrast "
-          f"(real {m['contrast']['real']:.2f}) | TV ratio | " + " | ".join(ratios) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(ratios))
+          f"(real {m['contrast']['real']:.2f}) | TV ratio | " + " | ".join(ratios)
+          + f" | column persistence (real {np.mean(columns['real']):.2f}) |")
+    print("|---|---|---|---|---|" + "---|" * (len(ratios) + 1))
     print(f"| {a.bundle} | {'DecM ' + s_cfg.decode if a.decm else 'Dec2D'} | "
           f"{m['dice']['rec']:.3f} | {m['contrast']['rec']:.2f} | "
           f"{m['tv']['rec'] / m['tv']['real']:.2f} | "
-          + " | ".join(f"{r:.2f}" for r in ratios.values()) + " |")
+          + " | ".join(f"{r:.2f}" for r in ratios.values())
+          + f" | {np.mean(columns['rec']):.2f} |")
     return 0
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from caldm.data.phantom import make_phantom, volume_seed
-from caldm.metrics import evaluate_volumes
+from caldm.metrics import ColumnPersistence, evaluate_volumes
 from caldm.pipeline import CALDMPipeline
 
 HELDOUT_SEED = 20_000
@@ -25,6 +25,7 @@ COLUMNS = (
     "strips D syn/real",
     "strips W syn/real",
     "inter/in-plane syn/real",
+    "column persistence syn (real)",
 )
 
 
@@ -57,6 +58,9 @@ def fidelity_row(
     """:func:`evaluate_volumes` plus the flat numbers of :data:`COLUMNS` under ``row``."""
     report = evaluate_volumes(real, synthetic, max_slices_per_volume=max_slices)
     sc = report["slice_consistency"]
+    persistence = ColumnPersistence()
+    columns = [float(np.mean([persistence(v) for v in vs])) for vs in (synthetic, real)]
+    report["column_persistence"] = {"synthetic": columns[0], "real": columns[1]}
     report["row"] = dict(
         zip(
             COLUMNS,
@@ -67,6 +71,7 @@ def fidelity_row(
                 sc["profile_hf_d"]["ratio"],
                 sc["profile_hf_w"]["ratio"],
                 sc["inter_slice_ratio"]["ratio"],
+                f"{columns[0]:.2f} ({columns[1]:.2f})",
             ),
         )
     )

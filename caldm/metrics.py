@@ -273,6 +273,38 @@ class InterSliceRatio:
         return d / w if w > 0 else float("inf") if d > 0 else 1.0
 
 
+class ColumnPersistence:
+    """How much of each slice's fine column texture the other slices share: the mean Pearson
+    correlation, over pairs of slices, of their high-passed column profiles.
+
+    A slice's column profile is its mean over depth (H) for each column (W); high-passing it
+    (minus a moving average over ``window`` columns) keeps the texture finer than the anatomy.
+    Real speckle is drawn afresh in every slice: about 0. A decoder that paints the same fine
+    pattern into every slice whose latent is alike, scores towards 1, and that pattern is what
+    the en-face projection shows as vertical lines (:class:`SliceProfileHF` with ``axis=2``
+    measures their strength; this measures why they survive averaging over slices). Reported
+    as a value, not a ratio, since the real value is near 0.
+    """
+
+    def __init__(self, window: int = 5) -> None:
+        self.window = window
+
+    def __call__(self, volume: np.ndarray) -> float:
+        from scipy.ndimage import uniform_filter1d
+
+        profiles = np.asarray(volume, np.float64).mean(axis=1)  # (D, W)
+        hp = profiles - uniform_filter1d(profiles, self.window, axis=1, mode="nearest")
+        hp -= hp.mean(axis=1, keepdims=True)
+        norm = np.linalg.norm(hp, axis=1)
+        keep = norm > 1e-12 * max(float(norm.max(initial=0.0)), 1.0)
+        if keep.sum() < 2:
+            return 0.0
+        unit = hp[keep] / norm[keep, None]
+        corr = unit @ unit.T
+        n = len(unit)
+        return float((corr.sum() - n) / (n * (n - 1)))
+
+
 SLICE_CONSISTENCY = ("profile_hf_d", "profile_hf_w", "inter_slice_ratio")
 
 

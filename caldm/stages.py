@@ -252,7 +252,7 @@ def diff3d_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
         generator=ctx.generator,
         kind=ctx.cfg.diffusion.loss,
     )
-    return StepOutput({"loss": loss, "mse": loss.detach()})
+    return StepOutput({"loss": loss, ctx.cfg.diffusion.loss: loss.detach()})  # "mse" or "l1"
 
 
 def refiner_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
@@ -266,7 +266,7 @@ def refiner_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
         generator=ctx.generator,
         kind=ctx.cfg.diffusion.loss,
     )
-    return StepOutput({"loss": loss, "mse": loss.detach()})
+    return StepOutput({"loss": loss, ctx.cfg.diffusion.loss: loss.detach()})  # "mse" or "l1"
 
 
 def discriminator_loss(disc: nn.Module, out: StepOutput) -> torch.Tensor:

@@ -153,6 +153,20 @@ def test_slice_consistency_ranks_strips_below_smooth() -> None:
     assert set(parts) == set(metrics.SLICE_CONSISTENCY)
 
 
+def test_column_persistence_tells_a_shared_column_texture_from_fresh_speckle() -> None:
+    base = make_phantom(SHAPE, 0)[0].astype(np.float64)  # its speckle is fresh in every slice
+    rng = np.random.default_rng(0)
+    persistence = metrics.ColumnPersistence()
+    assert abs(persistence(base)) < 0.1
+    assert abs(persistence(base + rng.normal(0, 20, base.shape))) < 0.1
+    # streaks of 1-column grain, the same in every slice (a decoder painting them from alike
+    # latents): the stronger against the speckle, the higher
+    streaks = rng.normal(0, 1, (1, 1, SHAPE[2]))
+    weak, strong = persistence(base + 4 * streaks), persistence(base + 8 * streaks)
+    assert 0.2 < weak < strong
+    assert strong > 0.5
+
+
 # --- FID with the default extractor -----------------------------------------------------------
 
 

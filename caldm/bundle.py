@@ -157,13 +157,23 @@ def load_module(url: str, name: str, cfg: Config, meta: dict[str, Any] | None = 
         raise
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise BundleError(f"{file}: unreadable weights ({exc})") from None
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or misshaped:
+        parts = [
+            f"{what} {len(keys)} ({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected),
+                               ("of another shape", misshaped))
+            if keys
+        ]
         raise BundleError(
-            f"{file}: weights do not fit {name} of preset {cfg.preset!r} ({first})"
-        ) from None
+            f"{file}: weights do not fit {name} of preset {cfg.preset!r}: tensors "
+            + "; ".join(parts)
+            + " (a model key of config.yaml changed since it was written?)"
+        )
+    module.load_state_dict(state, strict=True)
     return module
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from caldm.errors import ConfigError
 
@@ -118,7 +118,7 @@ class LossConfig(_Strict):
     # L1 on Gaussian-blurred images (this sigma, px) when > 0: the pixel term keeps the low
     # frequencies (anatomy) and leaves the high ones (speckle) to the GAN and perceptual terms,
     # as frequency-separation super-resolution does; plain L1 pays for every drawn speckle.
-    l1_lowpass_sigma: float = 0.0
+    l1_lowpass_sigma: float = Field(default=0.0, ge=0.0)
     # The perceptual term (caldm.nn.losses.perceptual_kind): "auto" is VGG/LPIPS when
     # perceptual_weights_path is given, else "spectral" (Fourier amplitudes, no download).
     perceptual: Literal["auto", "vgg", "ssim", "spectral", "none"] = "auto"
@@ -559,9 +559,14 @@ def load_config(
 
 
 def config_from_yaml(text: str | bytes, source: str) -> Config:
-    """The config a YAML file read from ``source`` holds, as :func:`load_config` would build
-    it from that file alone (for a caller that has its bytes already)."""
-    return _build(None, _yaml_mapping(text, source), source, None)
+    """A resolved config (a bundle's config.yaml: every key it had was written) read from
+    ``source``, for a caller that has its bytes already.
+
+    Keys it lacks were added after it was written, so they take the class defaults, which keep
+    what such a bundle was trained with (``model.ae2d.noise`` off, ``model.adaptor.in_plane``
+    3, ...), not the values the named preset has today.
+    """
+    return _build("custom", _yaml_mapping(text, source), source, None)
 
 
 def _build(

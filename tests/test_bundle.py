@@ -70,3 +70,33 @@ def test_pipeline_from_an_opened_bundle_loads_only_what_its_ablation_samples_wit
     want = {"diff3d", "cond_diff3d", "f_sr", "dec2d"}
     assert set(pipe.modules) == want and _weights_read(file_reads) == want
     assert file_reads[f"{bundle_url}/config.yaml"] == 1  # from_bundle read no config again
+
+
+def test_a_bundle_written_before_a_key_existed_loads_as_it_was_trained(
+    bundle_url: str, tmp_path: Path
+) -> None:
+    """config.yaml is resolved: a key it lacks postdates it and takes the class default (the
+    old behaviour), not today's preset value; weights that do not fit say which tensors."""
+    import shutil
+
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(bundle_url, old)
+    tree = yaml.safe_load((old / "config.yaml").read_text())
+    assert tree["model"]["ae2d"]["noise"] is True and tree["model"]["adaptor"]["in_plane"] == 1
+    # the bundle as a version before Dec2D's noise inputs and the in-plane key would write it
+    del tree["model"]["ae2d"]["noise"], tree["model"]["adaptor"]["in_plane"]
+    (old / "config.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(BundleError, match=r"weights do not fit dec2d.*unexpected 1 \(noise"):
+        open_bundle(str(old)).module("dec2d")  # today's weights have noise scales: refused
+    bundle = open_bundle(str(old))
+    assert bundle.cfg.model.ae2d.noise is False and bundle.cfg.model.adaptor.in_plane == 3
+    # an old bundle's weights (no noise scales) load into the old architecture
+    state = {k: v for k, v in open_bundle(bundle_url).module("dec2d").state_dict().items()
+             if "noise" not in k}
+    from safetensors.torch import save_file
+
+    save_file(state, str(old / "dec2d.safetensors"))
+    dec = open_bundle(str(old)).module("dec2d")
+    assert not any("noise" in k for k in dec.state_dict())

@@ -279,8 +279,13 @@ def test_dec2d_noise_is_fresh_in_training_and_keyed_by_the_latent_in_evaluation(
     torch.manual_seed(0)
     dec2d = build("dec2d", cfg)
     z = torch.randn(3, *cfg.model.slice_latent_shape)
+    cfg_plain = preset("tiny")
+    cfg_plain.model.ae2d.noise = False
+    without = build("dec2d", cfg_plain)
+    without.load_state_dict(dec2d.state_dict(), strict=False)  # all but the noise scales
     with torch.no_grad():
-        plain = dec2d.eval()(z)  # scales start at 0: the plain decoder
+        plain = dec2d.eval()(z)
+        torch.testing.assert_close(plain, without.eval()(z))  # scales start at 0: the plain one
         for injection in dec2d.noise.values():
             injection.scale.fill_(0.3)
         noisy = dec2d(z)
@@ -291,6 +296,12 @@ def test_dec2d_noise_is_fresh_in_training_and_keyed_by_the_latent_in_evaluation(
         assert (residual[0] - residual[1]).abs().mean() > 0.5 * residual[0].abs().mean()
         train = dec2d.train()(z)
         assert not torch.allclose(train, dec2d(z))  # fresh noise each call in training
+    # keys whose difference is a multiple of the old pixel step gave shifted copies of one image
+    shift = 5
+    a = keyed_normal(torch.tensor([12345]), (16, 16)).flatten()
+    b = keyed_normal(torch.tensor([12345 + 2 * shift * pow(0x27D4EB2F, -1, 2**32)]), (16, 16))
+    b = b.flatten()
+    assert torch.corrcoef(torch.stack([a[shift:], b[:-shift]]))[0, 1].abs() < 0.2
     noise = keyed_normal(latent_key(torch.randn(64, 4, 8, 8)), (64, 64))
     assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1) < 0.01
     # independent slices: |r| ~ 1/64 each, so no pair of the 2016 near 0.1 (6 sd)

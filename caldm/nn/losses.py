@@ -104,6 +104,9 @@ def adaptive_adversarial(
     return w * (through + (adv.detach() - through.detach())), w
 
 
+#: Gaussian kernel of the low-pass pixel term cut at this many sigmas (MONAI's GaussianFilter).
+LOWPASS_TRUNCATED = 3.0
+
 class HybridLoss(nn.Module):
     """Reconstruction side of the LDM loss; ``perceptual_kind`` names the perceptual term."""
 
@@ -122,7 +125,9 @@ class HybridLoss(nn.Module):
         if cfg.l1_lowpass_sigma > 0:
             from monai.networks.layers import GaussianFilter
 
-            self.lowpass = GaussianFilter(spatial_dims=2, sigma=cfg.l1_lowpass_sigma, truncated=3.0)
+            self.lowpass = GaussianFilter(
+                spatial_dims=2, sigma=cfg.l1_lowpass_sigma, truncated=LOWPASS_TRUNCATED
+            )
 
     def adversarial_active(self, step: int) -> bool:
         return self.cfg.adv_weight > 0 and step >= self.cfg.adv_start_step
@@ -140,7 +145,7 @@ class HybridLoss(nn.Module):
         if self.lowpass is not None:
             # blur(x) - blur(x_rec), the border replicated: zeros there would pay less for
             # the border columns, and the decoder drew strips into them
-            r = min(int(3 * self.cfg.l1_lowpass_sigma + 0.5), *(n - 1 for n in diff.shape[-2:]))
+            r = int(max(self.cfg.l1_lowpass_sigma * LOWPASS_TRUNCATED, 0.5) + 0.5)  # MONAI's tail
             padded = F.pad(diff.float(), (r, r, r, r), mode="replicate")
             diff = self.lowpass(padded)[..., r : padded.shape[-2] - r, r : padded.shape[-1] - r]
         parts: dict[str, torch.Tensor] = {"l1": diff.abs().mean()}

@@ -33,7 +33,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def latent_key(z: torch.Tensor) -> torch.Tensor:
     """``(B, c, h, w)`` latent slices -> ``(B,)`` int64 keys, one hash of each slice's values.
 
-    Values are rounded to 1/64 first, so the key is the same for the same slice in any batch.
+    A slice's key depends on its own values only (not on the batch around it). Values are
+    quantised to 1/64 first, so that a latent that differs only in the last bits of float
+    arithmetic (another batch size, bf16 vs fp32 upstream) usually keeps its key.
     """
     q = torch.round(z.detach().float() * 64).long().flatten(1)
     weights = _mix32(torch.arange(q.shape[1], device=z.device, dtype=torch.long) + 0x9E3779B9)
@@ -43,10 +45,12 @@ def latent_key(z: torch.Tensor) -> torch.Tensor:
 def keyed_normal(key: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``(B,)`` keys -> ``(B, 1, H, W)`` float32 standard normal noise, a function of the key."""
     h, w = size
-    pixel = torch.arange(h * w, device=key.device, dtype=torch.long)
-    base = _mix32(key[:, None] * 0x27D4EB2F + pixel[None] * 2)  # two draws per pixel
+    pixel = _mix32(torch.arange(h * w, device=key.device, dtype=torch.long) + 0x632BE5AB)
+    # key and pixel each hashed before they meet: with a sum, two keys whose difference is a
+    # multiple of the pixel step would give one image shifted (a test in tests/test_nn.py)
+    base = _mix32(_mix32(key)[:, None] ^ pixel[None])
     u1 = (_mix32(base).float() + 1.0) / 4294967297.0  # (0, 1]: log is finite
-    u2 = _mix32(base + 1).float() / 4294967296.0
+    u2 = _mix32(base ^ 0x85EBCA6B).float() / 4294967296.0  # a second draw per pixel
     normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * torch.pi * u2)  # Box-Muller
     return normal.reshape(-1, 1, h, w)
 
@@ -61,6 +65,8 @@ class NoiseInjection(nn.Module):
 
     def forward(self, x: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor:
         if key is None:
+            # torch's global generator: the training loop seeds it from train.seed and the
+            # rank, so a run is reproducible for its seed
             noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
         else:
             noise = keyed_normal(_mix32(key + self.salt), tuple(x.shape[2:])).to(x.dtype)

@@ -283,7 +283,9 @@ class ColumnPersistence:
     pattern into every slice whose latent is alike, scores towards 1, and that pattern is what
     the en-face projection shows as vertical lines (:class:`SliceProfileHF` with ``axis=2``
     measures their strength; this measures why they survive averaging over slices). Reported
-    as a value, not a ratio, since the real value is near 0.
+    as a value, not a ratio, since the real value is near 0. The high-pass is a moving average
+    (not :class:`SliceProfileHF`'s Savitzky-Golay fit): it runs over all slices' profiles at
+    once, and a correlation does not depend on the filter's gain.
     """
 
     def __init__(self, window: int = 5) -> None:

@@ -313,6 +313,17 @@ _AE2D = {"noise": True}
 # Adaptors that mix slices only (in_plane 1): border strips, texture and vessel contrast no
 # worse than with a 3x3 in-plane kernel in 3 runs, at a ninth of the conv's weights.
 _ADAPTOR = {"form": "residual", "alpha_init": 1.0, "in_plane": 1}
+# Every preset: the released code's diffusion recipe, L1 to the target and LDM's scaled-linear
+# betas from 0.0015 to 0.0195, chosen by measurement (benchmarks/results/recipe_cpu.md: the main
+# job's diffusion stages retrained on one autoencoder, 2 seeds: label fidelity, 200% Syn and
+# FID no worse than epsilon-MSE on linear betas 1e-4..0.02). The class defaults stay the old
+# recipe so that bundles written before keep sampling with the schedule they were trained on.
+_DIFFUSION = {
+    "loss": "l1",
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.0015,
+    "beta_end": 0.0195,
+}
 
 
 def _paper() -> dict[str, Any]:
@@ -339,6 +350,7 @@ def _paper() -> dict[str, Any]:
             "discriminator": {"channels": 64, "num_layers": 3},
             "loss": dict(_LOSS),
         },
+        "diffusion": dict(_DIFFUSION),
         "sampling": {"steps": 200, "slice_batch": 32, "decode_chunk": 8},
         "train": {"precision": "bf16", "activation_checkpointing": True, "micro_batch": 1},
     }
@@ -370,6 +382,7 @@ def _small() -> dict[str, Any]:
             "discriminator": {"channels": 32, "num_layers": 3},
             "loss": dict(_LOSS),
         },
+        "diffusion": dict(_DIFFUSION),
         "sampling": {"steps": 50, "slice_batch": 32, "decode_chunk": 16},
         "train": {"precision": "bf16", "activation_checkpointing": False, "micro_batch": 2},
     }
@@ -411,7 +424,7 @@ def _tiny() -> dict[str, Any]:
         },
         # v-prediction: an eps-predicting refiner trained for minutes diverges at high noise
         # (x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) amplifies its error 100-fold there)
-        "diffusion": {"num_train_timesteps": 1000, "prediction_type": "v_prediction"},
+        "diffusion": {**_DIFFUSION, "prediction_type": "v_prediction"},
         "sampling": {"steps": 20, "slice_batch": 32, "decode_chunk": 8},
         "train": {
             "lr": 1e-3,

@@ -25,7 +25,7 @@ def test_paper_preset_matches_the_paper() -> None:
     assert cfg.diffusion.num_train_timesteps == 1000
     # the paper does not state its betas; the released code's (LDM's): chosen by measurement
     assert (cfg.diffusion.beta_start, cfg.diffusion.beta_end) == (0.0015, 0.0195)
-    assert (cfg.diffusion.beta_schedule, cfg.diffusion.loss) == ("scaled_linear", "l1")
+    assert (cfg.diffusion.beta_schedule, cfg.diffusion.loss) == ("scaled_linear", "mse")
     assert cfg.sampling.steps == 200
 
 

@@ -314,8 +314,8 @@ _AE2D = {"noise": True}
 # worse than with a 3x3 in-plane kernel in 3 runs, at a ninth of the conv's weights.
 _ADAPTOR = {"form": "residual", "alpha_init": 1.0, "in_plane": 1}
 # Every preset: LDM's scaled-linear betas from 0.0015 to 0.0195 (the released code's), chosen by
-# measurement (benchmarks/results/recipe_cpu.md): the main job's label fidelity 0.896x -> 0.913x
-# (linear 1e-4..0.02, 2 seeds, against scaled-linear, see there) and the moved-label test's
+# measurement (benchmarks/results/recipe_cpu.md): the main job's label fidelity 0.896x -> 0.908x
+# (linear 1e-4..0.02 against scaled-linear, 2 seeds each) and the moved-label test's
 # boundary MAD 1.84/1.75 -> 1.78/1.72 px. The released code's L1 loss raised fidelity too but
 # moved the test's boundaries to 2.06/2.01 px (> 2): MSE stays. The class defaults keep the old
 # betas so that bundles written before sample with the schedule they were trained on.

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test test-autoscale test-label-follow demo lint install clean
+.PHONY: test test-autoscale test-label-follow test-long demo lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q --durations=15 tests
+
+# Sweeps stopped by ASHA and killed mid-trial (minutes each): kept out of `make test`'s 15 min.
+test-long: $(STAMP)
+	$(PY) -m pytest -q -m long tests
 
 # Jobs growing Ray's fake autoscaling cluster from zero nodes (slow: nodes come and go).
 test-autoscale: $(STAMP)

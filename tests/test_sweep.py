@@ -237,6 +237,7 @@ def test_bundle_without_adaptors_frees_their_config(root: Path, tmp_path: Path) 
                 plan(request)
 
 
+@pytest.mark.long
 def test_asha_stops_trials_cleanly(root: Path, ray_cluster, tmp_path: Path) -> None:
     """Enough trials that ASHA stops some (grace period 1 of 4 steps; a learning rate that
     wrecks the adaptors next to a sane one): no trial ends in ERROR (a reused actor of a stopped
@@ -279,6 +280,7 @@ def test_asha_stops_trials_cleanly(root: Path, ray_cluster, tmp_path: Path) -> N
         time.sleep(0.5)
 
 
+@pytest.mark.long
 def test_sweep_killed_mid_trial_resumes(root: Path, ray_cluster, tmp_path: Path) -> None:
     """The sweep's driver is killed (SIGKILL, as a lost head node or a cancelled job) while a
     trial is between checkpoints; the same command again resumes the experiment: the killed

@@ -25,7 +25,7 @@ from caldm.config import Config
 from caldm.diffusion.objective import diffusion_loss
 from caldm.diffusion.schedule import NoiseSchedule
 from caldm.nn.factory import NHAE_MODULES
-from caldm.nn.losses import HybridLoss, hinge_d_loss
+from caldm.nn.losses import HybridLoss, hinge_d_loss, shared_column_texture
 from caldm.nn.nets.dec_m import DecM
 from caldm.validation import METRIC, adaptor_held_out, refiner_held_out
 
@@ -150,11 +150,16 @@ def _adversarial(mods: Modules, fake: torch.Tensor, ctx: StepContext) -> torch.T
 
 
 def ae2d_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
-    """Enc2D/Dec2D on random B-scans: the LDM hybrid loss."""
+    """Enc2D/Dec2D on random B-scans: the LDM hybrid loss (+ the column texture term)."""
     x = batch["image"]
     mu, log_var = mods["enc2d"](x)
-    x_rec = mods["dec2d"](_sample_latent(mu, log_var, ctx.generator))
+    z = _sample_latent(mu, log_var, ctx.generator)
+    x_rec = mods["dec2d"](z)
     losses = ctx.hybrid(x, x_rec, _adversarial(mods, x_rec, ctx), mu, log_var)
+    weight = ctx.cfg.model.loss.column_weight
+    if weight > 0:  # a second decode of z, with fresh noise
+        losses["column"] = shared_column_texture(x, x_rec, mods["dec2d"](z))
+        losses["loss"] = losses["loss"] + weight * losses["column"]
     return StepOutput(losses, real=x, fake=x_rec, preview={"real": x, "reconstructed": x_rec})
 
 

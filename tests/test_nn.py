@@ -243,6 +243,29 @@ def test_lowpass_l1_leaves_speckle_to_the_other_terms_but_not_anatomy_or_borders
     assert border.item() == pytest.approx(inner.item(), rel=0.15)
 
 
+def test_column_term_pays_for_latent_driven_columns_not_for_drawn_speckle() -> None:
+    """Two decodes of one latent that differ only in their speckle draw score about 1 (the
+    real texture is unpredictable: nothing shared to pay for beyond it), the real slice's own
+    columns about 0, and one column pattern drawn into every decode far more than either;
+    a single decode compared with itself would pay for its speckle too (the biased form)."""
+    from caldm.nn.losses import shared_column_texture
+
+    g = torch.Generator().manual_seed(0)
+    anatomy = torch.linspace(-0.8, 0.8, 64).view(1, 1, 64, 1)
+
+    def speckled() -> torch.Tensor:
+        return anatomy * (1 + 0.3 * torch.randn(16, 1, 64, 64, generator=g))
+
+    x = speckled()
+    pattern = 0.05 * torch.randn(1, 1, 1, 64, generator=g)  # fixed columns, as the strips
+    drawn = shared_column_texture(x, speckled(), speckled()).item()
+    assert drawn == pytest.approx(1.0, abs=0.15)
+    assert abs(shared_column_texture(x, x + 0.1 * speckled(), x + 0.1 * speckled()).item()) < 0.1
+    assert shared_column_texture(x, speckled() + pattern, speckled() + pattern).item() > 3 * drawn
+    one = speckled()
+    assert shared_column_texture(x, one, one).item() > 1.5 * drawn
+
+
 def test_adaptive_gan_weight_balances_the_gradients_at_the_decoder_output() -> None:
     """Whatever the discriminator's scale, the adversarial term reaches the decoder's output
     with adv_weight times the reconstruction terms' gradient norm (a fixed weight does not)."""

@@ -18,6 +18,11 @@ With ``l1_lowpass_sigma`` the pixel term compares Gaussian-blurred images: anato
 frequencies) is still paid for pixel by pixel, speckle (high frequencies) only by the spectral
 and adversarial terms, so a decoder with noise inputs can draw it instead of its mean.
 
+With ``column_weight`` the slice autoencoder also pays for fine column texture that does not come
+from its noise inputs and is not in the real slice (:func:`shared_column_texture`): texture a
+decoder paints as a function of the latent runs through every slice of a volume whose latents are
+alike, and the en-face projection shows it as vertical lines.
+
 The adversarial term has a fixed weight (``adv_weight``), or with ``adv_adaptive`` LDM's adaptive
 one (:func:`adaptive_adversarial`), which keeps the GAN term as strong as the reconstruction terms.
 """
@@ -102,6 +107,39 @@ def adaptive_adversarial(
     w = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, max_weight).detach()
     through = (x_rec * g_adv.detach()).sum()  # its gradient at x_rec is g_adv
     return w * (through + (adv.detach() - through.detach())), w
+
+
+#: Columns of the moving average that high-passes a column profile (as ColumnPersistence's).
+COLUMN_WINDOW = 5
+
+
+def column_texture(x: torch.Tensor, window: int = COLUMN_WINDOW) -> torch.Tensor:
+    """``(B, 1, H, W)`` -> ``(B, W)``: each image's column profile (its mean over depth) minus a
+    moving average of ``window`` columns (border replicated): the texture finer than anatomy
+    that an en-face projection keeps."""
+    profile = x.float().mean(dim=(1, 2))[:, None]  # (B, 1, W)
+    r = window // 2
+    smooth = F.avg_pool1d(F.pad(profile, (r, r), mode="replicate"), window, stride=1)
+    return (profile - smooth)[:, 0]
+
+
+def shared_column_texture(
+    x: torch.Tensor, rec_a: torch.Tensor, rec_b: torch.Tensor
+) -> torch.Tensor:
+    """How far the column texture a decoder draws from the latent alone is from the real one.
+
+    ``rec_a`` and ``rec_b`` decode the same latent with independent noise. Write a decode's
+    column texture as ``d + n`` (``d`` fixed by the latent, ``n`` from the noise) and the real
+    one as ``r``: ``mean((a - r) * (b - r))`` estimates ``|d - r|^2`` without bias, since the two
+    draws' noise parts are independent. Unlike an L1 or L2 on one decode it does not pay for
+    ``|n|^2``, so drawn speckle costs nothing, while a pattern drawn the same way whatever the
+    noise costs as much as it differs from the real slice's. Its minimum is ``d = E[r | latent]``:
+    vessel shadows the latent knows, not speckle it cannot. Divided by the real texture's
+    energy (1.0 for a decoder with no latent-driven texture on unpredictable speckle).
+    """
+    r = column_texture(x)
+    shared = ((column_texture(rec_a) - r) * (column_texture(rec_b) - r)).mean()
+    return shared / (r.pow(2).mean().detach() + 1e-12)
 
 
 #: Gaussian kernel of the low-pass pixel term cut at this many sigmas (MONAI's GaussianFilter).

@@ -168,7 +168,7 @@ def test_ae2d_trains_with_gan_and_tracks_in_mlflow(ae2d_run: Path, root: Path) -
     (run,) = client.search_runs([client.get_experiment_by_name("caldm-train").experiment_id])
     assert run.data.params["train.grad_accum"] == "2"
     assert run.data.params["perceptual_in_use"] == "spectral"  # the default: no download
-    for key in ("loss", "l1", "perceptual", "d_loss", "lr", "samples_per_s", "grad_norm"):
+    for key in ("loss", "l1", "perceptual", "column", "d_loss", "lr", "samples_per_s", "grad_norm"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
     assert glob.glob(str(ae2d_run / "mlartifacts" / "**" / "previews" / "*.png"), recursive=True)
 

@@ -13,6 +13,10 @@ budget, seeds and batch) and scores it on the held-out real volumes:
 | syn | the synthetic volumes | 0 |
 | real+syn uniform | both, every plane equally likely (as jobs/downstream.py) | n_real / n_all |
 | real+syn balanced | both, the real planes listed twice | about 1/2 for 200% Syn |
+| real, all | every training volume of the main job (``data/train``) | 1 |
+
+The last row is the headroom: if all the generator's training volumes score no better than the
+few of ``real``, Table 2's Real row is at the segmenter's ceiling and no training set can beat it.
 
 A synthetic set that adds what the real one lacks lifts the mixed rows above ``real``; one
 whose pairs disagree with their labels pulls them below it, more the larger its share.
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     real = list(iter_pairs(real_root, a.task, classes))
     syn = list(iter_pairs(f"{a.out}/downstream/synthetic", a.task, classes))
     test = list(iter_pairs(f"{a.out}/data/heldout", a.task, classes))
+    every = list(iter_pairs(f"{a.out}/data/train", a.task, classes))
     cfg = SegmenterConfig(a.task, classes, plane_shape_for(real[0].volume.shape, a.task))
     r, s = planes_of(real, cfg), planes_of(syn, cfg)
 
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         "syn": cat(s),
         "real+syn uniform": cat(r, s),
         "real+syn balanced": cat(r, r, s),
+        f"real, all {len(every)}": cat(planes_of(every, cfg)),
     }
     keys = METRIC_KEYS[a.task]
     lines = [
@@ -87,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 for seed in range(a.seeds)
             ]
-            copies = {"real": 1, "syn": 0, "real+syn uniform": 1, "real+syn balanced": 2}
-            share = copies[name] * len(r.images) / len(images)
+            copies = {"syn": 0, "real+syn uniform": 1, "real+syn balanced": 2}
+            share = copies[name] * len(r.images) / len(images) if name in copies else 1.0
             cells = []
             for k in keys:
                 m = nan_mean_std([run[k]["mean"] for run in runs])

@@ -311,9 +311,9 @@ class Config(_Strict):
 # 0.79 -> 0.90, layer Dice 0.849 -> 0.863). The pixel term on low frequencies only (sigma 1 px)
 # with Dec2D's noise inputs and the spectral term: speckle drawn, not averaged away (2 seeds:
 # TV ratio 0.56 -> 0.96, layer Dice 0.833 -> 0.872, vessel contrast 0.93 -> 1.34). The column
-# term at 0.1 pays for column texture drawn from the latent (the en-face strip grid): ae2d seed 0
-# strips W 3.51x -> 0.40x real, column persistence 0.80 -> 0.07, vessel contrast 1.29 -> 1.82
-# at equal Dice and TV (0.3 and 1.0 cost texture; recipe_cpu.md).
+# term at 0.1 pays for column texture drawn from the latent (the en-face strip grid): 2 ae2d
+# seeds, strips W 2.57x -> 0.42x real, column persistence 0.52 -> 0.09, vessel contrast 1.37 ->
+# 1.77, Dice 0.872 -> 0.877, TV 0.96 -> 1.09 (0.3 and 1.0 cost texture; recipe_cpu.md).
 _LOSS = {"adv_adaptive": True, "adv_weight": 0.5, "l1_lowpass_sigma": 1.0, "column_weight": 0.1}
 _AE2D = {"noise": True}
 # Adaptors that mix slices only (in_plane 1): border strips, texture and vessel contrast no

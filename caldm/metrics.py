@@ -285,17 +285,20 @@ class ColumnPersistence:
     measures their strength; this measures why they survive averaging over slices). Reported
     as a value, not a ratio, since the real value is near 0. The high-pass is a moving average
     (not :class:`SliceProfileHF`'s Savitzky-Golay fit): it runs over all slices' profiles at
-    once, and a correlation does not depend on the filter's gain.
+    once, and a correlation does not depend on the filter's gain. It is the one the ae2d
+    column term trains on (:func:`caldm.nn.losses.column_texture`).
     """
 
-    def __init__(self, window: int = 5) -> None:
-        self.window = window
+    def __init__(self, window: int | None = None) -> None:
+        from caldm.nn.losses import COLUMN_WINDOW
+
+        self.window = window or COLUMN_WINDOW
 
     def __call__(self, volume: np.ndarray) -> float:
-        from scipy.ndimage import uniform_filter1d
+        from caldm.nn.losses import column_texture
 
-        profiles = np.asarray(volume, np.float64).mean(axis=1)  # (D, W)
-        hp = profiles - uniform_filter1d(profiles, self.window, axis=1, mode="nearest")
+        slices = torch.from_numpy(np.asarray(volume, np.float32))[:, None]  # (D, 1, H, W)
+        hp = column_texture(slices, self.window).double().numpy()  # (D, W)
         hp -= hp.mean(axis=1, keepdims=True)
         norm = np.linalg.norm(hp, axis=1)
         keep = norm > 1e-12 * max(float(norm.max(initial=0.0)), 1.0)

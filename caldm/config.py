@@ -121,12 +121,12 @@ class LossConfig(_Strict):
     l1_lowpass_sigma: float = Field(default=0.0, ge=0.0)
     # The perceptual term (caldm.nn.losses.perceptual_kind): "auto" is VGG/LPIPS when
     # perceptual_weights_path is given, else "spectral" (Fourier amplitudes, no download).
-    # ae2d: pay for column texture drawn from the latent rather than the noise inputs and not
-    # in the real slice (caldm.nn.losses.shared_column_texture; a second decode per step)
-    column_weight: float = Field(default=0.0, ge=0.0)
     perceptual: Literal["auto", "vgg", "ssim", "spectral", "none"] = "auto"
     perceptual_weight: float = 0.3
     perceptual_weights_path: str | None = None  # VGG16 weights for "vgg" (never downloaded)
+    # ae2d: pay for column texture drawn from the latent rather than the noise inputs and not
+    # in the real slice (caldm.nn.losses.shared_column_texture; a second decode per step)
+    column_weight: float = Field(default=0.0, ge=0.0)
     adv_weight: float = 0.05
     # LDM's adaptive weight: adv_weight x |grad rec| / |grad adv| (caldm.nn.losses.HybridLoss),
     # so the GAN term pulls as hard as the reconstruction terms whatever their scales.

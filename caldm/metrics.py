@@ -292,12 +292,12 @@ class ColumnPersistence:
     def __init__(self, window: int | None = None) -> None:
         from caldm.nn.losses import COLUMN_WINDOW
 
-        self.window = window or COLUMN_WINDOW
+        self.window = COLUMN_WINDOW if window is None else window
 
     def __call__(self, volume: np.ndarray) -> float:
         from caldm.nn.losses import column_texture
 
-        slices = torch.from_numpy(np.asarray(volume, np.float32))[:, None]  # (D, 1, H, W)
+        slices = torch.from_numpy(np.ascontiguousarray(volume, np.float64))[:, None]  # (D,1,H,W)
         hp = column_texture(slices, self.window).double().numpy()  # (D, W)
         hp -= hp.mean(axis=1, keepdims=True)
         norm = np.linalg.norm(hp, axis=1)

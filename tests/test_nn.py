@@ -264,6 +264,9 @@ def test_column_term_pays_for_latent_driven_columns_not_for_drawn_speckle() -> N
     assert shared_column_texture(x, speckled() + pattern, speckled() + pattern).item() > 3 * drawn
     one = speckled()
     assert shared_column_texture(x, one, one).item() > 1.5 * drawn
+    flat = torch.zeros(1, 1, 64, 64)  # a blank scan: no real texture to divide by
+    blank = shared_column_texture(flat, flat + 0.01 * speckled()[:1], flat + 0.01 * speckled()[:1])
+    assert abs(blank.item()) < 10  # 1e5-1e6 with an epsilon of 1e-12
 
 
 def test_adaptive_gan_weight_balances_the_gradients_at_the_decoder_output() -> None:

@@ -111,15 +111,20 @@ def adaptive_adversarial(
 
 #: Columns of the moving average that high-passes a column profile (as ColumnPersistence's).
 COLUMN_WINDOW = 5
+#: Least real column-texture energy the column term divides by (images in [-1, 1]; speckle
+#: averaged over 64-512 rows leaves about 1e-4-1e-3).
+COLUMN_ENERGY_FLOOR = 1e-6
 
 
 def column_texture(x: torch.Tensor, window: int = COLUMN_WINDOW) -> torch.Tensor:
     """``(B, 1, H, W)`` -> ``(B, W)``: each image's column profile (its mean over depth) minus a
     moving average of ``window`` columns (border replicated): the texture finer than anatomy
     that an en-face projection keeps."""
-    profile = x.float().mean(dim=(1, 2))[:, None]  # (B, 1, W)
-    r = window // 2
-    smooth = F.avg_pool1d(F.pad(profile, (r, r), mode="replicate"), window, stride=1)
+    x = x if x.dtype == torch.float64 else x.float()
+    profile = x.mean(dim=(1, 2))[:, None]  # (B, 1, W)
+    left = window // 2  # scipy's uniform_filter1d placement, even windows too
+    padded = F.pad(profile, (left, window - 1 - left), mode="replicate")
+    smooth = F.avg_pool1d(padded, window, stride=1)
     return (profile - smooth)[:, 0]
 
 
@@ -139,7 +144,8 @@ def shared_column_texture(
     """
     r = column_texture(x)
     shared = ((column_texture(rec_a) - r) * (column_texture(rec_b) - r)).mean()
-    return shared / (r.pow(2).mean().detach() + 1e-12)
+    # floored: a flat real batch (a blank scan, micro-batch 1) has no texture to divide by
+    return shared / r.pow(2).mean().clamp_min(COLUMN_ENERGY_FLOOR)
 
 
 #: Gaussian kernel of the low-pass pixel term cut at this many sigmas (MONAI's GaussianFilter).

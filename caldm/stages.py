@@ -157,8 +157,9 @@ def ae2d_step(mods: Modules, batch: Batch, ctx: StepContext) -> StepOutput:
     x_rec = mods["dec2d"](z)
     losses = ctx.hybrid(x, x_rec, _adversarial(mods, x_rec, ctx), mu, log_var)
     weight = ctx.cfg.model.loss.column_weight
-    if weight > 0:  # a second decode of z, with fresh noise
-        losses["column"] = shared_column_texture(x, x_rec, mods["dec2d"](z))
+    if weight > 0:  # a second decode of z with fresh noise (without noise inputs: the same)
+        x_again = mods["dec2d"](z) if ctx.cfg.model.ae2d.noise else x_rec
+        losses["column"] = shared_column_texture(x, x_rec, x_again)
         losses["loss"] = losses["loss"] + weight * losses["column"]
     return StepOutput(losses, real=x, fake=x_rec, preview={"real": x, "reconstructed": x_rec})
 

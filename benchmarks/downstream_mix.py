@@ -28,10 +28,33 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
 import numpy as np  # noqa: E402
+
+
+def train_and_score(
+    images: np.ndarray, labels: np.ndarray, cfg: Any, test: list, steps: int, seeds: int
+) -> dict[str, dict[str, float]]:
+    """Train the Table 2 segmenter on (images, labels) planes once per seed (same budget and
+    batch as ``jobs/downstream.py``) and score each on ``test``; ``{metric: {"mean", "std"}}``
+    over the seeds' per-volume means."""
+    from caldm.nn.nets.segmenter import train_segmenter
+    from caldm.segmentation import METRIC_KEYS, nan_mean_std, score_segmenter
+
+    runs = [
+        score_segmenter(train_segmenter(images.astype(np.float32), labels, cfg, steps, seed=seed),
+                        cfg, test)
+        for seed in range(seeds)
+    ]
+    return {k: nan_mean_std([run[k]["mean"] for run in runs]) for k in METRIC_KEYS[cfg.task]}
+
+
+def cells(scores: dict[str, dict[str, float]], keys: tuple[str, ...]) -> str:
+    """Markdown cells "mean ± std" of ``scores`` in the order of ``keys``."""
+    return " | ".join(f"{scores[k]['mean']:.3f} ± {scores[k]['std']:.3f}" for k in keys)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,15 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", help="also write the table to this file")
     a = p.parse_args(argv)
 
-    from caldm.nn.nets.segmenter import SegmenterConfig, plane_shape_for, train_segmenter
+    from caldm.nn.nets.segmenter import SegmenterConfig, plane_shape_for
     from caldm.segmentation import (
         METRIC_KEYS,
         METRIC_NAMES,
         iter_pairs,
-        nan_mean_std,
         num_classes_of,
         planes_of,
-        score_segmenter,
     )
 
     real_root = f"{a.out}/downstream/real"
@@ -85,21 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     for steps in (int(x) for x in a.steps.split(",")):
         for name, (images, labels) in rows.items():
-            runs = [
-                score_segmenter(
-                    train_segmenter(images.astype(np.float32), labels, cfg, steps, seed=seed),
-                    cfg,
-                    test,
-                )
-                for seed in range(a.seeds)
-            ]
+            scores = train_and_score(images, labels, cfg, test, steps, a.seeds)
             copies = {"syn": 0, "real+syn uniform": 1, "real+syn balanced": 2}
             share = copies[name] * len(r.images) / len(images) if name in copies else 1.0
-            cells = []
-            for k in keys:
-                m = nan_mean_std([run[k]["mean"] for run in runs])
-                cells.append(f"{m['mean']:.3f} ± {m['std']:.3f}")
-            line = f"| {name} | {steps} | {share:.2f} | " + " | ".join(cells) + " |"
+            line = f"| {name} | {steps} | {share:.2f} | " + cells(scores, keys) + " |"
             lines.append(line)
             print(line, flush=True)
     lines += ["", f"wall time: {time.perf_counter() - t0:.0f} s"]

@@ -89,46 +89,66 @@ class RowScores:
         return out
 
 
-@torch.inference_mode()
+class StagePath:
+    """One volume through every stage of a conditioned bundle's path (the rows of
+    :data:`ROWS`), on the bundle's image grid and back; loads the bundle once."""
+
+    def __init__(self, bundle: str, guidance: float | None = None) -> None:
+        from caldm.bundle import load_bundle
+        from caldm.distributed.encode import NEEDS
+        from caldm.pipeline import CALDMPipeline
+
+        self.pipe = CALDMPipeline.from_bundle(bundle, device="cpu", offload=False)
+        if guidance is not None:
+            self.pipe.cfg.sampling.guidance_scale = guidance
+        self.nets = load_bundle(bundle, NEEDS, device="cpu")
+
+    @torch.inference_mode()
+    def versions(self, pair, seed: int, rows: tuple[str, ...] = ROWS) -> dict[str, np.ndarray]:  # noqa: ANN001
+        """``{row: volume}`` for a :class:`caldm.segmentation.Pair`, each at the pair's shape:
+        the volume itself, its autoencoded, NHAE-decoded and refined versions (from its own
+        latents) and a sample guided by its label. ``seed`` draws the decoders' noise."""
+        from caldm.data.preprocess import resize, to_unit_range
+        from caldm.distributed.encode import encode_volume
+
+        pipe = self.pipe
+        unit = resize(to_unit_range(pair.volume), tuple(pipe.cfg.model.image_shape), order="linear")
+        lat = {k: torch.from_numpy(v) for k, v in encode_volume(self.nets, unit, pipe.cfg).items()}
+        labels = pipe.prepare_labels(pair.label, pair.label_url)
+        make = {
+            "real": lambda: pair.volume,
+            "ae2d": lambda: decoded(pipe, lat["z_hr"], labels, seed, refine=False),
+            "nhae": lambda: decoded(pipe, lat["z_sr"], labels, seed, refine=False),
+            "refiner": lambda: decoded(pipe, lat["z_sr"], labels, seed, refine=True),
+            "sampled": lambda: pipe.sample(seed=seed, labels=labels),
+        }
+        out = {}
+        for row in rows:
+            volume = np.asarray(make[row]())
+            if volume.shape != pair.volume.shape:
+                volume = resize(volume.astype(np.float32), pair.volume.shape, order="linear")
+            out[row] = volume
+        return out
+
+
 def ceiling(
     bundle: str, heldout: str, segmenter: str, seed: int = 0, guidance: float | None = None
 ) -> dict[str, dict]:
     """``{row: {metric: {"mean", "std"}, ..., "n"}}`` over the held-out volumes; the metrics
     are those of the bundle's condition (layers: dice, mad; vessels: iou_a, iou_v,
     vessel_contrast)."""
-    from caldm.bundle import load_bundle
     from caldm.data.io import read_bytes
-    from caldm.data.preprocess import resize, to_unit_range
-    from caldm.distributed.encode import NEEDS, encode_volume
     from caldm.nn.nets.segmenter import segment_volume, segmenter_from_bytes
-    from caldm.pipeline import CALDMPipeline
     from caldm.segmentation import iter_pairs
 
     model, seg_cfg = segmenter_from_bytes(read_bytes(segmenter), segmenter)
-    pipe = CALDMPipeline.from_bundle(bundle, device="cpu", offload=False)
-    task = pipe.condition
+    path = StagePath(bundle, guidance)
+    task = path.pipe.condition
     if task != seg_cfg.task:
         raise SystemExit(f"{segmenter}: a {seg_cfg.task} segmenter for a {task} bundle")
-    if guidance is not None:
-        pipe.cfg.sampling.guidance_scale = guidance
-    nets = load_bundle(bundle, NEEDS, device="cpu")
-    shape = tuple(pipe.cfg.model.image_shape)
     scores = {r: RowScores(task, seg_cfg.num_classes) for r in ROWS}
     for pair in iter_pairs(heldout, task, seg_cfg.num_classes):
-        unit = resize(to_unit_range(pair.volume), shape, order="linear")
-        lat = {k: torch.from_numpy(v) for k, v in encode_volume(nets, unit, pipe.cfg).items()}
-        labels = pipe.prepare_labels(pair.label, pair.label_url)
-        versions = {
-            "real": pair.volume,
-            "ae2d": decoded(pipe, lat["z_hr"], labels, seed, refine=False),
-            "nhae": decoded(pipe, lat["z_sr"], labels, seed, refine=False),
-            "refiner": decoded(pipe, lat["z_sr"], labels, seed, refine=True),
-            "sampled": pipe.sample(seed=seed, labels=labels),
-        }
-        for row, volume in versions.items():
-            if volume.shape != pair.volume.shape:
-                volume = resize(volume.astype(np.float32), pair.volume.shape, order="linear")
-            volume = np.asarray(volume)
+        for row, volume in path.versions(pair, seed).items():
             scores[row](segment_volume(model, seg_cfg, volume), pair.label, volume)
         print(f"fidelity_ceiling: {pair.id} done", file=sys.stderr)
     return {row: s.summary() for row, s in scores.items()}

@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every stage, e.g. model.latent_channels=8 (repeatable; "
+        "give the same ones when resuming)",
+    )
     return p
 
 
@@ -68,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker,
         condition=args.condition,
         layer_classes=args.layer_classes,
+        overrides=tuple(args.overrides),
     )
     print(f"pipeline: report written to {args.out.rstrip('/')}/report.json")
     return 0

@@ -48,3 +48,41 @@ def test_pipeline_help_needs_no_cluster() -> None:
         text=True,
     )
     assert out.returncode == 0 and "--out" in out.stdout and "--data" in out.stdout
+
+
+def test_pipeline_set_with_a_typo_names_the_key_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "pipeline.py"), "--out", str(out),
+         "--set", "model.latent_chanels=8"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2
+    assert "model.latent_chanels" in run.stderr and "model.latent_channels" in run.stderr
+    assert not out.exists()
+
+
+def test_pipeline_set_reaches_every_stage_after_the_jobs_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import caldm.distributed.train as train_module
+    from caldm.distributed.end_to_end import run_pipeline
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(request):  # noqa: ANN001, ANN202
+        seen.append(request)
+        raise Stop
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    with pytest.raises(Stop):
+        run_pipeline(str(tmp_path / "job"), count=2, overrides=("train.log_every=3",),
+                     log=lambda _: None)
+    (request,) = seen
+    assert request.stage == "ae2d"
+    assert request.overrides[-1] == "train.log_every=3"
+    assert "train.log_every=10" in request.overrides  # the job's own, overridden by the user's

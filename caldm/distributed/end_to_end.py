@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from caldm.config import load_config
 from caldm.data.io import (
     join_url,
     read_bytes,
@@ -197,6 +198,7 @@ def _run_path(
     gpus_per_worker: float = 0.0,
     condition: str = "layers",
     layer_classes: int = 9,
+    overrides: tuple[str, ...] = (),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The body of :func:`run_pipeline`.
@@ -253,6 +255,7 @@ def _run_path(
                         f"train.checkpoint_every={max(2, max_steps // 4)}",
                         "train.log_every=10",
                         f"train.preview_every={max(2, max_steps // 2)}",
+                        *overrides,  # the user's last: they win
                     ),
                 )
             )
@@ -353,9 +356,12 @@ def run_pipeline(out: str, **kwargs: Any) -> dict[str, Any]:
 
     Keyword arguments: ``data``, ``heldout``, ``preset``, ``count``, ``per_label``,
     ``steps_scale``, ``sampling_steps``, ``workers``, ``gpus_per_worker``, ``condition``,
-    ``layer_classes`` (phantom only), ``log`` (see the module docstring). Without ``data`` a
+    ``layer_classes`` (phantom only), ``overrides`` (``key=value`` config overrides for every
+    stage, after the job's own), ``log`` (see the module docstring). Without ``data`` a
     phantom dataset of ``count`` training volumes and ``max(2, count // 4)`` held-out volumes
     is written first.
     """
+    # a bad override stops here, with one line naming the key, before anything is written
+    load_config(kwargs.get("preset", "tiny"), overrides=list(kwargs.get("overrides", ())))
     with _one_tracking_store(out):
         return _run_path(out, **kwargs)

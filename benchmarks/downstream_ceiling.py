@@ -46,28 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", help="also write the table to this file")
     a = p.parse_args(argv)
 
-    from downstream_mix import cells, train_and_score
+    from downstream_mix import cells, header, table2_sets, train_and_score
     from fidelity_ceiling import StagePath
 
-    from caldm.nn.nets.segmenter import SegmenterConfig, plane_shape_for
-    from caldm.segmentation import (
-        METRIC_KEYS,
-        METRIC_NAMES,
-        Pair,
-        iter_pairs,
-        num_classes_of,
-        planes_of,
-    )
+    from caldm.segmentation import METRIC_KEYS, Pair, planes_of
 
     started = time.perf_counter()
     bundle = a.bundle or f"{a.out}/runs/refiner_guided/bundle"
     path = StagePath(bundle)
     if path.pipe.condition != "layers":
         raise SystemExit(f"{bundle}: a {path.pipe.condition} bundle; this benchmark is for layers")
-    classes = num_classes_of(f"{a.out}/downstream/real", "layers")
-    real = list(iter_pairs(f"{a.out}/downstream/real", "layers", classes))
-    test = list(iter_pairs(f"{a.out}/data/heldout", "layers", classes))
-    cfg = SegmenterConfig("layers", classes, plane_shape_for(real[0].volume.shape, "layers"))
+    cfg, real, sampled, test = table2_sets(a.out, "layers")
     stages = ("ae2d", "refiner")
     made: dict[str, list[Pair]] = {s: [] for s in stages}
     for pair in real:
@@ -76,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 made[stage].append(Pair(f"{pair.id}_{stage}{seed}", pair.image_url,
                                         pair.label_url, volume, pair.label))
         print(f"downstream_ceiling: {pair.id} through {', '.join(stages)}", file=sys.stderr)
-    made["sampled"] = list(iter_pairs(f"{a.out}/downstream/synthetic", "layers", classes))
+    made["sampled"] = sampled
     planes = {"real": planes_of(real, cfg), **{k: planes_of(v, cfg) for k, v in made.items()}}
 
     keys = METRIC_KEYS["layers"]
@@ -84,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Bundle `{bundle}`: {len(real)} real training volumes, {len(test)} held-out test "
         f"volumes, {a.steps} segmenter steps, {a.seeds} seeds, batch 8.",
         "",
-        "| Syn set | train | planes | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
-        "|---|---|---|" + "---|" * len(keys),
+        *header(("Syn set", "train", "planes"), keys),
     ]
     print("\n".join(lines), flush=True)
     rows = [("-", "real", ["real"])]

@@ -35,6 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 
 
+def table2_sets(out: str, task: str) -> tuple[Any, list, list, list]:
+    """A finished main job's Table 2 sets: ``(segmenter config, real, synthetic, test)``, the
+    last three as lists of :class:`caldm.segmentation.Pair` (``downstream/real``,
+    ``downstream/synthetic``, ``data/heldout``)."""
+    from caldm.nn.nets.segmenter import SegmenterConfig, plane_shape_for
+    from caldm.segmentation import iter_pairs, num_classes_of
+
+    classes = num_classes_of(f"{out}/downstream/real", task)
+    real, syn, test = (list(iter_pairs(f"{out}/{part}", task, classes))
+                       for part in ("downstream/real", "downstream/synthetic", "data/heldout"))
+    cfg = SegmenterConfig(task, classes, plane_shape_for(real[0].volume.shape, task))
+    return cfg, real, syn, test
+
+
 def train_and_score(
     images: np.ndarray, labels: np.ndarray, cfg: Any, test: list, steps: int, seeds: int
 ) -> dict[str, dict[str, float]]:
@@ -52,6 +66,14 @@ def train_and_score(
     return {k: nan_mean_std([run[k]["mean"] for run in runs]) for k in METRIC_KEYS[cfg.task]}
 
 
+def header(columns: tuple[str, ...], keys: tuple[str, ...]) -> list[str]:
+    """The two markdown header lines of a table with ``columns`` and then the metrics ``keys``."""
+    from caldm.segmentation import METRIC_NAMES
+
+    names = (*columns, *(METRIC_NAMES[k] for k in keys))
+    return ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+
+
 def cells(scores: dict[str, dict[str, float]], keys: tuple[str, ...]) -> str:
     """Markdown cells "mean ± std" of ``scores`` in the order of ``keys``."""
     return " | ".join(f"{scores[k]['mean']:.3f} ± {scores[k]['std']:.3f}" for k in keys)
@@ -66,22 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", help="also write the table to this file")
     a = p.parse_args(argv)
 
-    from caldm.nn.nets.segmenter import SegmenterConfig, plane_shape_for
-    from caldm.segmentation import (
-        METRIC_KEYS,
-        METRIC_NAMES,
-        iter_pairs,
-        num_classes_of,
-        planes_of,
-    )
+    from caldm.segmentation import METRIC_KEYS, iter_pairs, planes_of
 
-    real_root = f"{a.out}/downstream/real"
-    classes = num_classes_of(real_root, a.task)
-    real = list(iter_pairs(real_root, a.task, classes))
-    syn = list(iter_pairs(f"{a.out}/downstream/synthetic", a.task, classes))
-    test = list(iter_pairs(f"{a.out}/data/heldout", a.task, classes))
-    every = list(iter_pairs(f"{a.out}/data/train", a.task, classes))
-    cfg = SegmenterConfig(a.task, classes, plane_shape_for(real[0].volume.shape, a.task))
+    cfg, real, syn, test = table2_sets(a.out, a.task)
+    every = list(iter_pairs(f"{a.out}/data/train", a.task, cfg.num_classes))
     r, s = planes_of(real, cfg), planes_of(syn, cfg)
 
     def cat(*sets):  # noqa: ANN002, ANN202
@@ -99,8 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{a.task}: {len(real)} real / {len(syn)} synthetic training volumes, {len(test)} "
         f"held-out real test volumes, {a.seeds} seeds, batch 8",
         "",
-        "| row | steps | real share | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
-        "|---|---|---|" + "---|" * len(keys),
+        *header(("row", "steps", "real share"), keys),
     ]
     print("\n".join(lines), flush=True)
     t0 = time.perf_counter()

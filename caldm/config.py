@@ -509,6 +509,19 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def add_overrides_argument(parser: Any, help_text: str) -> None:
+    """A job's repeatable ``--set KEY=VALUE`` (into ``args.overrides``; read by
+    :func:`parse_override`), with the job's own ``help_text``."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=help_text,
+    )
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"a.b=c"`` -> ``("a.b", parsed c)``; values are parsed as YAML (numbers, lists, bools)."""
     if "=" not in text:

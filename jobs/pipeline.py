@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from caldm.config import PRESETS  # noqa: E402
+from caldm.config import PRESETS, add_overrides_argument  # noqa: E402
 from caldm.errors import job_main  # noqa: E402
 
 
@@ -44,13 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every stage, e.g. model.latent_channels=8 (repeatable; "
+    add_overrides_argument(
+        p,
+        "config override for every stage, e.g. model.latent_channels=8 (repeatable; "
         "give the same ones when resuming)",
     )
     return p

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # caldm without installing it
 
-from caldm.config import PRESETS  # noqa: E402
+from caldm.config import PRESETS, add_overrides_argument  # noqa: E402
 from caldm.errors import CaldmError, job_main  # noqa: E402
 
 PROG = "prepare_corpus"
@@ -54,14 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="volumes processed at once")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per volume task")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override (repeatable), e.g. data.slices_per_volume=2",
-    )
+    add_overrides_argument(p, "config override (repeatable), e.g. data.slices_per_volume=2")
     return p
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # caldm without installing it
 
-from caldm.config import PRESETS, STAGES  # noqa: E402  (light imports only: --help is instant)
+from caldm.config import PRESETS, STAGES, add_overrides_argument  # noqa: E402  (light imports only: --help is instant)
 from caldm.errors import job_main  # noqa: E402
 
 PROG = "train_stage"
@@ -55,14 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude", metavar="IDS", help="volumes never trained on (same forms as --ids)"
     )
     p.add_argument("--config", dest="config_file", metavar="FILE", help="YAML config on top")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. train.lr=2e-4 (repeatable)",
-    )
+    add_overrides_argument(p, "config override, e.g. train.lr=2e-4 (repeatable)")
     return p
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # caldm without installing it
 
-from caldm.config import PRESETS  # noqa: E402  (light imports only: --help is instant)
+from caldm.config import PRESETS, add_overrides_argument  # noqa: E402  (light imports only: --help is instant)
 from caldm.errors import job_main  # noqa: E402
 
 PROG = "sweep"
@@ -58,14 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--holdout", type=int, default=1, help="last ids held out for validation")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (and checkpoints)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fixed config override for every trial (repeatable)",
-    )
+    add_overrides_argument(p, "fixed config override for every trial (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="search and validation-noise seed")
     return p
 

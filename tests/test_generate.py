@@ -50,7 +50,7 @@ INPUTS = "s3://test-generate-inputs"
 def _small_cfg() -> Config:
     cfg = preset_dict("tiny")
     model = cfg["model"]
-    model["image_shape"], model["thumbnail_shape"] = SHAPE, (16, 16, 16)
+    model["image_shape"], model["thumbnail_shape"] = SHAPE, (8, 16, 16)
     model["f_sr"]["channels"] = [16, 8, 8]  # D' = 4 -> D = 16: two upsamplings
     model["condition"]["layer_classes"] = len(LAYER_NAMES)  # the phantom's classes, 0 included
     return Config.model_validate(cfg)

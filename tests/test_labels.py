@@ -58,26 +58,30 @@ def test_thin_band_and_one_voxel_boundary_move_reach_the_encoder() -> None:
     """Fails under the old nearest rule: a 1-voxel band between sampled rows vanished, and
     moving a boundary by one full-resolution voxel did not change the encoder's input."""
     d, h, w = TINY.model.image_shape
-    grid = encoder_grid(TINY, "layers", "diff3d")  # (8, 16, 16): 4 voxels per cell along H
+    grid = encoder_grid(TINY, "layers", "diff3d")
+    per_cell = h // grid[1]  # voxels per cell along H (2 at the tiny preset)
+    assert per_cell >= 2  # else no rule could lose a one-voxel band
     label = np.zeros((d, h, w), np.uint8)
     label[:, 30:] = 1
     band = label.copy()
-    band[:, 33] = 2  # an RPE-like band one voxel thick
+    band[:, 33] = 2  # an RPE-like band one voxel thick, on a row nearest sampling skips
     assert 2 not in _nearest(band, grid)  # the old rule lost it entirely
     fractions = reduce_label(band, "layers", grid, 3)
-    assert fractions[2].max() == pytest.approx(0.25)  # one voxel of four in its cells
+    assert fractions[2].max() == pytest.approx(1 / per_cell)  # one voxel of per_cell
     assert fractions[2].sum() * (d * h * w) / np.prod(grid) == pytest.approx(d * w)
+    label[:, 30:33] = 0  # the boundary at row 33 ...
     moved = np.zeros_like(label)
-    moved[:, 31:] = 1  # the boundary one voxel lower
+    moved[:, 34:] = 1  # ... and one voxel lower
     assert np.array_equal(_nearest(label, grid), _nearest(moved, grid))  # invisible before
     diff = reduce_label(moved, "layers", grid, 3) - reduce_label(label, "layers", grid, 3)
-    assert diff[1].min() == pytest.approx(-0.25) and diff[0].max() == pytest.approx(0.25)
+    assert diff[1].min() == pytest.approx(-1 / per_cell)
+    assert diff[0].max() == pytest.approx(1 / per_cell)
     # vessels: a one-voxel-wide vessel survives the en-face reduction too
     vessels = np.zeros((d, w), np.uint8)
     vessels[:, 9] = 2
     vgrid = encoder_grid(TINY, "vessels", "diff3d")
     assert 2 not in _nearest(vessels, vgrid)
-    assert reduce_label(vessels, "vessels", vgrid, 99)[2].max() == pytest.approx(0.25)
+    assert reduce_label(vessels, "vessels", vgrid, 99)[2].max() == pytest.approx(vgrid[1] / w)
 
 
 @pytest.mark.parametrize("classes", [7, 11])
@@ -131,7 +135,7 @@ def test_augmentation_moves_latents_and_label_together(tmp_path) -> None:
     from caldm.data.phantom import write_phantom_dataset
 
     cfg = preset("tiny")
-    cfg.data.augment.shift = 0.25  # up to 2 of the 8 latent rows
+    cfg.data.augment.shift = 0.25  # up to a quarter of the latent rows
     cfg.data.augment.flip_w = True
     data = str(tmp_path / "data")
     write_phantom_dataset(data, 1, "tiny", seed=0, num_classes=7)
@@ -149,12 +153,13 @@ def test_augmentation_moves_latents_and_label_together(tmp_path) -> None:
     seen = set()
     for item in itertools.islice(iter(plain), 12):
         got, label = item["z"].numpy(), item["label"].numpy()
-        flipped = got[0, 0, 4, 0] >= 100 * (w1 - 1)
+        mid = h1 // 2
+        flipped = got[0, 0, mid, 0] >= 100 * (w1 - 1)
         ref_z = z[..., ::-1] if flipped else z
         ref_label = base[..., ::-1] if flipped else base
-        s = int(ref_z[0, 0, 4, 0] - got[0, 0, 4, 0])  # row 4 now holds row 4 - s
+        s = int(ref_z[0, 0, mid, 0] - got[0, 0, mid, 0])  # row mid now holds row mid - s
         seen.add((s, bool(flipped)))
-        assert abs(s) <= 2
+        assert abs(s) <= round(0.25 * h1)
         idx = np.clip(np.arange(h1) - s, 0, h1 - 1)
         np.testing.assert_array_equal(got, ref_z[:, :, idx])
         idx2 = np.clip(np.arange(2 * h1) - 2 * s, 0, 2 * h1 - 1)
@@ -221,9 +226,10 @@ def test_shifted_views_carry_their_moved_label(tmp_path) -> None:
     from caldm.distributed.plan import training_dataset
 
     cfg = preset("tiny")
-    assert view_shifts(cfg) == [0, 2, 4, 6]  # quarters of an 8-row latent pixel
+    rows = cfg.model.image_shape[1] // cfg.model.latent_shape[2]  # image rows per latent pixel
+    assert rows >= 4 and view_shifts(cfg) == [0, rows // 4, rows // 2, 3 * rows // 4]  # quarters
     cfg.data.augment.views = 1
-    assert view_shifts(cfg) == [0, 4]
+    assert view_shifts(cfg) == [0, rows // 2]
     cfg.data.augment.views = 0
     assert view_shifts(cfg) == [0]
     assert parse_view(view_id("a~b", 6)) == ("a~b", 6) and parse_view("a") == ("a", 0)

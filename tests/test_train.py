@@ -210,10 +210,11 @@ def test_encode_latents_cache_stats_and_rerun(
     from caldm.data.latents import view_id
 
     ids = sorted(p.stem.split(".")[0] for p in (root / "data" / "images").glob("*.nii.gz"))
-    views = sorted(view_id(i, r) for i in ids for r in (0, 4))  # --views 1: half a latent pixel
+    cfg = preset("tiny")
+    half = cfg.model.image_shape[1] // cfg.model.latent_shape[2] // 2  # --views 1: half a pixel
+    views = sorted(view_id(i, r) for i in ids for r in (0, half))
     cached = sorted(p.name.removesuffix(".safetensors") for p in latents.glob("*.safetensors"))
     assert cached == views
-    cfg = preset("tiny")
     z = load_file(str(latents / "phantom_0000.safetensors"))
     assert z["z"].shape == cfg.model.latent_shape
     assert z["z_sr"].shape == z["z_hr"].shape == cfg.model.z_sr_shape

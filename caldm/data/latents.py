@@ -36,7 +36,7 @@ def view_shifts(cfg: Config) -> list[int]:
     """Depth offsets (image rows, 0 first) of the views of each volume in the latent cache.
 
     Training moves latents and labels together by whole latent pixels only
-    (``data.augment.shift``); a latent pixel is many image rows (8 at every preset), so
+    (``data.augment.shift``); a latent pixel is many image rows (8 at the paper preset), so
     without views the labels a model sees sit at a handful of offsets and it never learns that
     a label moved by part of a latent pixel moves the anatomy by as much. Each view is the
     volume moved by ``k / (views + 1)`` of a latent pixel (k = 1..views) *before* encoding,

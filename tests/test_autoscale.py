@@ -32,8 +32,8 @@ import pytest
 from conftest import free_port, kill_processes_using
 
 from caldm.bundle import init_bundle
-from caldm.config import Config, preset_dict
-from caldm.data.phantom import LAYER_NAMES, write_phantom_dataset
+from caldm.config import Config
+from caldm.data.phantom import write_phantom_dataset
 
 pytestmark = pytest.mark.autoscale
 
@@ -220,13 +220,10 @@ def _job(path: str) -> Any:
 
 
 def _small_cfg() -> Config:
-    """tiny shrunk to 16 x 32 x 32 volumes (as in test_generate): seconds per sample."""
-    cfg = preset_dict("tiny")
-    model = cfg["model"]
-    model["image_shape"], model["thumbnail_shape"] = (16, 32, 32), (16, 16, 16)
-    model["f_sr"]["channels"] = [16, 8, 8]
-    model["condition"]["layer_classes"] = len(LAYER_NAMES)
-    return Config.model_validate(cfg)
+    """tiny shrunk to 16 x 32 x 32 volumes: seconds per sample (test_generate's, one copy)."""
+    from test_generate import _small_cfg as small
+
+    return small()
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@
 segmenter on Real (``downstream/real``), on Syn (``downstream/synthetic``: samples guided by
 the real labels) and on both, and scores it on ``data/heldout``. Here the Syn set is replaced
 by versions of the Real volumes themselves, each labelled with its own real label, made by the
-stages of the bundle's path (:class:`fidelity_ceiling.StagePath`, 2 noise draws per volume,
-as 200% Syn):
+stages of the bundle's path (:class:`fidelity_ceiling.StagePath`), two per volume as 200% Syn
+(seeds 1 and 2: the refined and sampled versions differ; the ae2d ones are the same twice,
+since Dec2D's noise is keyed by its latent in eval mode, which keeps 200% Syn's proportions):
 
 | Syn set | what it bounds |
 |---|---|
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 
 import numpy as np  # noqa: E402
 
-DRAWS = (1, 2)  # decoder noise seeds: two versions per real volume, as 200% Syn
+DRAWS = (1, 2)  # seeds of the two versions per real volume, as 200% Syn
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,8 @@ class StagePath:
     def versions(self, pair, seed: int, rows: tuple[str, ...] = ROWS) -> dict[str, np.ndarray]:  # noqa: ANN001
         """``{row: volume}`` for a :class:`caldm.segmentation.Pair`, each at the pair's shape:
         the volume itself, its autoencoded, NHAE-decoded and refined versions (from its own
-        latents) and a sample guided by its label. ``seed`` draws the decoders' noise."""
+        latents) and a sample guided by its label. ``seed`` seeds the refiner and the sampler
+        (Dec2D's noise is keyed by its latent: the autoencoded rows do not change with it)."""
         from caldm.data.preprocess import resize, to_unit_range
         from caldm.distributed.encode import encode_volume
 

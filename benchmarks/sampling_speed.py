@@ -126,8 +126,9 @@ def bench_preset(
             "flops": int(section * flops(lambda m=mode: decode_all(pipe, z, m))),
         }
     difference = compare(images["exact"], images["chunked"])
-    # Real latents vary smoothly across slices (f_sr upsamples D/8 slices); i.i.d. ones do not.
-    coarse = torch.randn(c, max(1, n // 8), *cfg.model.slice_latent_shape[1:], generator=gen)
+    # Real latents vary smoothly across slices (f_sr upsamples D' slices); i.i.d. ones do not.
+    coarse = torch.randn(c, max(1, n * cfg.model.latent_shape[1] // cfg.model.image_shape[0]),
+                         *cfg.model.slice_latent_shape[1:], generator=gen)
     smooth = torch.nn.functional.interpolate(
         coarse[None], size=(n, *coarse.shape[2:]), mode="trilinear"
     )[0].movedim(1, 0)

@@ -197,6 +197,10 @@ class ModelConfig(_Strict):
             )
         if self.k % 2 != 1:
             raise ValueError("k must be odd (a center slice with k//2 neighbours each side)")
+        top = len(self.ae2d.channels) - 1  # Dec2D's levels: 0 (lowest resolution) .. top
+        missing = sorted(set(self.adaptor.levels or ()) - set(range(top + 1)))
+        if missing:
+            raise ValueError(f"adaptor.levels {missing} do not exist: Dec2D has levels 0..{top}")
         return self
 
 
@@ -398,8 +402,8 @@ def _tiny() -> dict[str, Any]:
             "thumbnail_shape": (16, 32, 32),
             # A 4x slice latent (the paper's is 8x): at 64 px the phantom's layers (1.6-5 px)
             # and vessels (2-3 px) sit under one 8 px cell, where an 8x latent lost them
-            # (benchmarks/results/fidelity_ceiling_cpu.md: the main job's label fidelity 0.91x
-            # -> 0.94x, inter-slice/in-plane 0.90 -> 0.99); Enc3D and f_sr one level less to fit.
+            # (benchmarks/results/label_fidelity_cpu.md: the main job's label fidelity 0.91x ->
+            # 0.94x, inter-slice/in-plane 0.90 -> 0.99); Enc3D and f_sr one level less to fit.
             "ae2d": {
                 **_AE2D,
                 "channels": [16, 32, 32],

@@ -92,3 +92,10 @@ def test_cli_reports_config_errors_in_one_line() -> None:
         text=True,
     )
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_adaptor_levels_must_exist_in_the_decoder() -> None:
+    top = len(load_config("tiny").model.ae2d.channels) - 1
+    assert load_config("tiny", overrides=[f"model.adaptor.levels=[0, {top}]"])
+    with pytest.raises(ConfigError, match=rf"adaptor.levels \[{top + 1}\] do not exist"):
+        load_config("tiny", overrides=[f"model.adaptor.levels=[0, {top + 1}]"])

@@ -86,3 +86,34 @@ def test_pipeline_set_reaches_every_stage_after_the_jobs_own(
     assert request.stage == "ae2d"
     assert request.overrides[-1] == "train.log_every=3"
     assert "train.log_every=10" in request.overrides  # the job's own, overridden by the user's
+
+
+def test_pipeline_rerun_with_other_settings_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A main job resumes only with the preset, condition and --set values it ran with: its
+    finished stages were trained with them."""
+    import caldm.distributed.train as train_module
+    from caldm.distributed.end_to_end import JOB_FILE, run_pipeline
+    from caldm.errors import ConfigError
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(request):  # noqa: ANN001, ANN202
+        raise Stop
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    out = str(tmp_path / "job")
+    first = {"count": 2, "overrides": ("diffusion.prediction_type=epsilon",), "log": print}
+    with pytest.raises(Stop):
+        run_pipeline(out, **first)
+    with pytest.raises(Stop):  # the same settings resume
+        run_pipeline(out, **first)
+    with pytest.raises(ConfigError, match=rf"{JOB_FILE}: .*overrides"):
+        run_pipeline(out, **{**first, "overrides": ()})
+    with pytest.raises(ConfigError, match=rf"{JOB_FILE}: .*condition 'layers'"):
+        run_pipeline(out, **{**first, "condition": "vessels"})
+    with pytest.raises(ConfigError, match="--steps-scale"):
+        run_pipeline(str(tmp_path / "other"), overrides=("train.max_steps=5",))
+    assert not (tmp_path / "other").exists()

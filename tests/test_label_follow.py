@@ -76,8 +76,9 @@ def trained(tmp_path_factory):
     cfg.model.loss.adv_weight = 0.0
     # The texture-only column term is off too: with it, this cut-down autoencoder (no GAN, 250
     # steps) put the boundaries 2.25 px from the moved label (1.78 without; the RNG stream held
-    # equal), while the main job's bundle, trained with both terms, stays at 1.32 px
-    # (benchmarks/label_follow.py, as before the term). This test is about the condition.
+    # equal; both with the 8x slice latent before stop 25, 1.52 without since), while the main
+    # job's bundle, trained with both terms, stays at 1.36 px (benchmarks/label_follow.py).
+    # This test is about the condition.
     cfg.model.loss.column_weight = 0.0
     root = tmp_path_factory.mktemp("follow")
     data, heldout = str(root / "data"), str(root / "heldout")

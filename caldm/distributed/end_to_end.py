@@ -46,11 +46,12 @@ from caldm.data.io import (
     read_volume,
     url_exists,
     write_bytes,
+    write_json,
 )
 from caldm.data.latents import STATS_FILE
 from caldm.data.layout import DatasetLayout
 from caldm.data.preprocess import to_unit_range
-from caldm.errors import DataError
+from caldm.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -361,7 +362,39 @@ def run_pipeline(out: str, **kwargs: Any) -> dict[str, Any]:
     phantom dataset of ``count`` training volumes and ``max(2, count // 4)`` held-out volumes
     is written first.
     """
-    # a bad override stops here, with one line naming the key, before anything is written
-    load_config(kwargs.get("preset", "tiny"), overrides=list(kwargs.get("overrides", ())))
+    _check_job(out.rstrip("/"), kwargs)
     with _one_tracking_store(out):
         return _run_path(out, **kwargs)
+
+
+#: what a rerun must repeat to resume a main job (``<out>/job.json``)
+JOB_FILE = "job.json"
+
+
+def _check_job(out: str, kwargs: dict[str, Any]) -> None:
+    """Refuse, before anything is written, a bad or job-owned override and a rerun whose
+    preset, condition or overrides differ from the job's first run (its finished stages were
+    trained with those); then record them."""
+    overrides = list(kwargs.get("overrides", ()))
+    load_config(kwargs.get("preset", "tiny"), overrides=overrides)  # one line naming a bad key
+    for text in overrides:
+        if text.split("=", 1)[0].strip() == "train.max_steps":
+            raise ConfigError("--set train.max_steps: the main job sets each stage's steps; "
+                              "scale them with --steps-scale")
+    record = {
+        "preset": kwargs.get("preset", "tiny"),
+        "condition": kwargs.get("condition", "layers"),
+        "overrides": overrides,
+    }
+    url = join_url(out, JOB_FILE)
+    before = read_json(url)
+    if before is not None:
+        changed = [k for k in record if before.get(k) != record[k]]
+        if changed:
+            raise ConfigError(
+                f"{url}: this job ran with "
+                + ", ".join(f"{k} {before.get(k)!r}" for k in changed)
+                + "; rerun it with the same values (or use a new --out)"
+            )
+        return
+    write_json(url, record)

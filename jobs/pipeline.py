@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     add_overrides_argument(
         p,
-        "config override for every stage, e.g. model.latent_channels=8 (repeatable; "
-        "give the same ones when resuming)",
+        "config override for every stage, e.g. model.latent_channels=8 (repeatable; a rerun "
+        "resumes only with the same ones, recorded in OUT/job.json)",
     )
     return p
 

@@ -367,34 +367,22 @@ def run_pipeline(out: str, **kwargs: Any) -> dict[str, Any]:
         return _run_path(out, **kwargs)
 
 
-#: what a rerun must repeat to resume a main job (``<out>/job.json``)
-JOB_FILE = "job.json"
+JOB_FILE = "job.json"  # what a rerun must repeat to resume the job
 
 
-def _check_job(out: str, kwargs: dict[str, Any]) -> None:
-    """Refuse, before anything is written, a bad or job-owned override and a rerun whose
-    preset, condition or overrides differ from the job's first run (its finished stages were
-    trained with those); then record them."""
-    overrides = list(kwargs.get("overrides", ()))
-    load_config(kwargs.get("preset", "tiny"), overrides=overrides)  # one line naming a bad key
-    for text in overrides:
-        if text.split("=", 1)[0].strip() == "train.max_steps":
-            raise ConfigError("--set train.max_steps: the main job sets each stage's steps; "
-                              "scale them with --steps-scale")
-    record = {
-        "preset": kwargs.get("preset", "tiny"),
-        "condition": kwargs.get("condition", "layers"),
-        "overrides": overrides,
-    }
-    url = join_url(out, JOB_FILE)
-    before = read_json(url)
-    if before is not None:
-        changed = [k for k in record if before.get(k) != record[k]]
-        if changed:
-            raise ConfigError(
-                f"{url}: this job ran with "
-                + ", ".join(f"{k} {before.get(k)!r}" for k in changed)
-                + "; rerun it with the same values (or use a new --out)"
-            )
-        return
-    write_json(url, record)
+def _check_job(out: str, kw: dict[str, Any]) -> None:
+    """Refuse, before anything is written, a bad or job-owned override or a rerun with another
+    preset, condition or overrides than the first run (its finished stages used those)."""
+    overrides = list(kw.get("overrides", ()))
+    load_config(kw.get("preset", "tiny"), overrides=overrides)  # one line naming a bad key
+    if any(o.split("=", 1)[0].strip() == "train.max_steps" for o in overrides):
+        raise ConfigError("--set train.max_steps: the job sets each stage's; use --steps-scale")
+    record = {"preset": kw.get("preset", "tiny"), "condition": kw.get("condition", "layers")}
+    record["overrides"] = overrides
+    url, before = join_url(out, JOB_FILE), read_json(join_url(out, JOB_FILE))
+    changed = [f"{k} {before.get(k)!r}" for k in record if before and before.get(k) != record[k]]
+    if changed:
+        raise ConfigError(f"{url}: this job ran with {', '.join(changed)}; rerun it with the "
+                          "same values (or use a new --out)")
+    if before is None:
+        write_json(url, record)

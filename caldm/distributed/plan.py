@@ -235,8 +235,8 @@ def _check_bundle_model(bundle: Bundle, cfg: Config, fresh: tuple[str, ...] = ()
             if have.get(key) != value:
                 raise ConfigError(
                     f"{bundle.url}: bundle was made for another model ({key} = {have.get(key)!r}, "
-                    f"this run has {value!r}); use the bundle's preset (--preset "
-                    f"{have.get('preset')})"
+                    f"this run has {value!r}); use the bundle's settings (--preset "
+                    f"{have.get('preset')}, --set {key}=...), or a bundle of this preset"
                 )
     return cfg
 

@@ -63,7 +63,7 @@ def test_pipeline_set_with_a_typo_names_the_key_and_writes_nothing(tmp_path: Pat
     assert not out.exists()
 
 
-def test_pipeline_set_reaches_every_stage_after_the_jobs_own(
+def test_pipeline_set_reaches_the_first_stage_after_the_jobs_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import caldm.distributed.train as train_module
